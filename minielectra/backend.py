@@ -1,0 +1,108 @@
+"""Which array library and which kernels run an op.
+
+The reference ops in `minielectra.ops` are written against `xp`, the array module of their inputs, so the same code
+runs on NumPy and CuPy arrays. `dispatch(name)` picks, per call, the fastest implementation of a named op for the
+active backend: a Numba kernel for NumPy arrays under the `numba` backend, a CUDA kernel for CuPy arrays, otherwise
+the reference. Kernels are imported lazily so that numba and cupy stay optional extras.
+"""
+
+import importlib
+import os
+
+import numpy as np
+
+BACKENDS = ("numpy", "numba", "cupy", "auto")
+_EXTRA = {"numba": "numba", "cupy": "cuda12' or '.[cuda13"}
+_active = None
+
+
+def get_xp(*arrays):
+    """The array module (numpy or cupy) that owns `arrays`; numpy when none is a CuPy array."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return np
+
+
+def _importable(module):
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_usable():
+    """True when CuPy imports and sees at least one CUDA device."""
+    if not _importable("cupy"):
+        return False
+    import cupy
+
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return False
+
+
+def set_backend(name=None):
+    """Select the backend by name, or from $MINIELECTRA_BACKEND, defaulting to numpy; returns the resolved name."""
+    global _active
+    name = (name or os.environ.get("MINIELECTRA_BACKEND") or "numpy").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "cupy" if gpu_usable() else "numba" if _importable("numba") else "numpy"
+    elif name in ("numba", "cupy") and not _importable(name):
+        raise ImportError(
+            f"the {name} backend needs the {name} package: pip install -e '.[{_EXTRA[name]}]'"
+        )
+    _active = name
+    _kernel_cache.clear()
+    return name
+
+
+def active_backend():
+    """The resolved backend name ('numpy', 'numba' or 'cupy'), selecting the default on first use."""
+    return _active if _active is not None else set_backend()
+
+
+# The ops a kernel may replace, by the reference module that defines them; kernel modules carry the same file names.
+_OP_MODULES = {
+    "attention_forward": "attention",
+    "attention_backward": "attention",
+    "layernorm_forward": "layernorm",
+    "layernorm_backward": "layernorm",
+    "bias_gelu_forward": "activations",
+    "bias_gelu_backward": "activations",
+    "softmax_cross_entropy": "losses",
+    "sigmoid_cross_entropy": "losses",
+    "embedding_backward": "embedding",
+}
+_kernel_cache = {}
+
+
+def dispatch(op_name, *arrays):
+    """The implementation of `op_name` to call on `arrays`: a kernel where the active backend has one, else the reference."""
+    module_name = _OP_MODULES[op_name]
+    xp = get_xp(*arrays)
+    if xp is not np:
+        package = "kernels.cupy_gpu"
+    elif active_backend() == "numba":
+        package = "kernels.numba_cpu"
+    else:
+        package = None
+    key = (package, op_name)
+    if key not in _kernel_cache:
+        fn = None
+        if package is not None:
+            try:
+                fn = getattr(importlib.import_module(f"{package}.{module_name}"), op_name, None)
+            except ModuleNotFoundError as e:
+                if e.name != f"{package}.{module_name}":
+                    raise
+        if fn is None:
+            fn = getattr(importlib.import_module(f"minielectra.ops.{module_name}"), op_name)
+        _kernel_cache[key] = fn
+    return _kernel_cache[key]
