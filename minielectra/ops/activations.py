@@ -1,0 +1,78 @@
+"""GELU, the Transformer's activation: gelu(x) = x * Phi(x), with Phi the standard normal CDF.
+
+ELECTRA (like BERT) uses the exact form Phi(x) = (1 + erf(x / sqrt 2)) / 2. The tanh approximation
+0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) is offered behind `approximate=True` for comparison with GPT-2-style
+code; it differs by up to ~1e-3 and is not what a pre-trained ELECTRA expects.
+
+`bias_gelu_*` adds the bias of the preceding dense layer first, so a kernel can fuse the two into one pass over memory.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from minielectra.backend import get_xp
+from minielectra.ops import checks
+
+_SQRT_2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+def _erf(xp):
+    if xp is np:
+        from scipy.special import erf
+    else:
+        from cupyx.scipy.special import erf
+    return erf
+
+
+class GeluCache(NamedTuple):
+    x: object  # (...) the pre-activation; backward recomputes Phi and phi from it
+    approximate: bool
+
+
+def gelu_forward(x, approximate=False):
+    """gelu(x), elementwise, same shape and dtype as x."""
+    checks.float_array("x", x)
+    xp = get_xp(x)
+    if approximate:
+        out = 0.5 * x * (1.0 + xp.tanh(_TANH_C * (x + 0.044715 * x**3)))
+    else:
+        out = 0.5 * x * (1.0 + _erf(xp)(x / _SQRT_2))
+    return out.astype(x.dtype, copy=False), GeluCache(x, approximate)
+
+
+def gelu_backward(dout, cache):
+    """Inverts `out = x * Phi(x)`: d/dx = Phi(x) + x * phi(x), phi the normal density (or the tanh form's derivative)."""
+    x, approximate = cache
+    xp = get_xp(x)
+    if approximate:
+        inner = _TANH_C * (x + 0.044715 * x**3)
+        t = xp.tanh(inner)
+        dinner = _TANH_C * (1.0 + 3 * 0.044715 * x**2)
+        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+    else:
+        # exp(-x^2/2) underflows to 0 for |x| > ~38, where the derivative is exactly 0 or 1 anyway.
+        grad = 0.5 * (1.0 + _erf(xp)(x / _SQRT_2)) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return (dout * grad).astype(x.dtype, copy=False)
+
+
+class BiasGeluCache(NamedTuple):
+    gelu: GeluCache  # of h = x + b
+
+
+def bias_gelu_forward(x, b, approximate=False):
+    """gelu(x + b): x (..., F) the output of a matmul, b (F,) its bias."""
+    checks.float_array("x", x)
+    checks.param("b", b, (x.shape[-1],), "(F,)")
+    out, cache = gelu_forward(x + b, approximate)  # (..., F)
+    return out, BiasGeluCache(cache)
+
+
+def bias_gelu_backward(dout, cache):
+    """Inverts `out = gelu(x + b)`: dx = gelu'(x + b) * dout, db sums dx over every leading position."""
+    dx = gelu_backward(dout, cache.gelu)  # (..., F)
+    db = dx.reshape(-1, dx.shape[-1]).sum(axis=0)  # (F,)
+    return dx, db

@@ -1,0 +1,117 @@
+"""Multi-head self-attention, in two layers of ops.
+
+`attention_forward` is the core a kernel replaces: softmax(q k^T / sqrt(D), padding mask) with dropout, times v, for
+every batch and head at once. `mha_forward` wraps it with the Q, K, V and output projections and the head split.
+
+Scale: q . k sums D products of roughly unit-variance terms, so its spread grows like sqrt(D); dividing by sqrt(D)
+keeps the scores O(1) whatever the head size, so the softmax does not saturate into a one-hot whose gradient vanishes.
+Mask: a padded key must get no weight from any query; padded queries still compute (their rows are ignored later).
+"""
+
+import math
+from typing import NamedTuple
+
+from minielectra.backend import dispatch, get_xp
+from minielectra.ops import checks
+from minielectra.ops.dropout import dropout_backward, dropout_forward
+from minielectra.ops.linear import linear_backward, linear_forward
+from minielectra.ops.softmax import softmax_backward, softmax_forward
+
+
+def key_mask(mask, B, T):
+    """The (B, T) padding mask (nonzero = real token) as a boolean (B, 1, 1, T) that broadcasts over heads and queries."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"attention mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+    return (mask != 0)[:, None, None, :]
+
+
+class AttentionCache(NamedTuple):
+    q: object  # (B, H, T, D)
+    k: object  # (B, H, T, D)
+    v: object  # (B, H, T, D)
+    probs: object  # (B, H, T, T) attention weights before dropout: what to plot
+    softmax: object  # SoftmaxCache
+    dropout: object  # DropoutCache on the weights
+    scale: float  # 1 / sqrt(D)
+
+
+def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
+    """q, k, v (B, H, T, D), mask (B, T) nonzero at real tokens -> (B, H, T, D). Dropout on the weights when p_drop > 0."""
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        checks.float_array(name, a)
+        checks.ndim(name, a, 4, "(B, H, T, D)")
+    checks.shape("k", k, q.shape, "(B, H, T, D) like q")
+    checks.shape("v", v, q.shape, "(B, H, T, D) like q")
+    B, H, T, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)  # (B, H, T, T)
+    probs, sm_cache = softmax_forward(scores, key_mask(mask, B, T))  # (B, H, T, T)
+    dropped, drop_cache = dropout_forward(probs, p_drop, rng, train=p_drop > 0)
+    out = dropped @ v  # (B, H, T, D)
+    return out, AttentionCache(q, k, v, probs, sm_cache, drop_cache, scale)
+
+
+def attention_backward(dout, cache):
+    """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv)."""
+    q, k, v, probs, sm_cache, drop_cache, scale = cache
+    dropped = probs if drop_cache.scale is None else probs * drop_cache.scale
+    dv = dropped.swapaxes(-1, -2) @ dout  # (B, H, T, D)   from out = dropped @ v
+    ddropped = dout @ v.swapaxes(-1, -2)  # (B, H, T, T)
+    dprobs = dropout_backward(ddropped, drop_cache)
+    dscores = softmax_backward(dprobs, sm_cache) * q.dtype.type(scale)  # (B, H, T, T)
+    dq = dscores @ k  # (B, H, T, D)   from scores = q @ k^T * scale
+    dk = dscores.swapaxes(-1, -2) @ q  # (B, H, T, D)
+    return dq, dk, dv
+
+
+def _split_heads(x, H):
+    B, T, C = x.shape
+    return x.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)  # (B, H, T, D)
+
+
+def _merge_heads(x):
+    B, H, T, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, C)
+
+
+class MHACache(NamedTuple):
+    q: object  # LinearCache of each projection
+    k: object
+    v: object
+    attn: AttentionCache  # attn.probs (B, H, T, T) are the attention weights
+    o: object
+    n_heads: int
+
+    @property
+    def probs(self):
+        return self.attn.probs
+
+
+def mha_forward(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, mask=None, n_heads=1, p_drop=0.0, rng=None):
+    """x (B, T, C) -> (B, T, C): project to Q, K, V, attend per head (D = C / H), merge heads, project out."""
+    checks.float_array("x", x)
+    checks.ndim("x", x, 3, "(B, T, C)")
+    B, T, C = x.shape
+    if n_heads < 1 or C % n_heads:
+        raise ValueError(f"n_heads {n_heads} must divide the model width C = {C}")
+    q, q_cache = linear_forward(x, Wq, bq)  # (B, T, C)
+    k, k_cache = linear_forward(x, Wk, bk)
+    v, v_cache = linear_forward(x, Wv, bv)
+    attention = dispatch("attention_forward", x)
+    a, a_cache = attention(_split_heads(q, n_heads), _split_heads(k, n_heads), _split_heads(v, n_heads),
+                           mask, p_drop, rng)  # (B, H, T, D)
+    out, o_cache = linear_forward(_merge_heads(a), Wo, bo)  # (B, T, C)
+    return out, MHACache(q_cache, k_cache, v_cache, a_cache, o_cache, n_heads)
+
+
+def mha_backward(dout, cache):
+    """Inverts mha_forward -> (dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo); x fed Q, K and V, so dx sums three paths."""
+    da, dWo, dbo = linear_backward(dout, cache.o)  # (B, T, C)
+    H = cache.n_heads
+    dq, dk, dv = dispatch("attention_backward", dout)(_split_heads(da, H), cache.attn)  # (B, H, T, D) each
+    dxq, dWq, dbq = linear_backward(_merge_heads(dq), cache.q)
+    dxk, dWk, dbk = linear_backward(_merge_heads(dk), cache.k)
+    dxv, dWv, dbv = linear_backward(_merge_heads(dv), cache.v)
+    return dxq + dxk + dxv, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo

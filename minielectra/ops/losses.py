@@ -1,0 +1,65 @@
+"""The two ELECTRA losses, each returning (loss, dlogits) so the backward starts right here.
+
+softmax_cross_entropy: the generator's masked-LM loss over the selected positions (and the classifier's loss).
+sigmoid_cross_entropy: the discriminator's replaced-token-detection loss over the non-pad tokens.
+Both are weighted means, sum(w * loss_i) / sum(w), as the official code computes them; with all weights 0 the loss
+is 0 and so is its gradient. Both are exact at logits of +-1000: no exp of a large positive number is ever taken.
+"""
+
+from minielectra.backend import get_xp
+from minielectra.ops import checks
+from minielectra.ops.softmax import log_softmax_forward
+
+
+def _weights(name, weights, shape, xp, dtype):
+    if weights is None:
+        return xp.ones(shape, dtype=dtype)
+    checks.shape(name, weights, shape, "like the targets")
+    return weights.astype(dtype, copy=False)
+
+
+def softmax_cross_entropy(logits, targets, weights=None):
+    """logits (N, V), targets (N,) ints in [0, V), weights (N,) -> (loss, dlogits (N, V)).
+
+    loss_i = -log softmax(logits_i)[targets_i]; dloss_i/dlogits_i = softmax(logits_i) - onehot(targets_i).
+    """
+    checks.float_array("logits", logits)
+    checks.ndim("logits", logits, 2, "(N, V)")
+    checks.int_array("targets", targets)
+    N, V = logits.shape
+    checks.shape("targets", targets, (N,), "(N,)")
+    if N and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        raise ValueError(f"targets must lie in [0, {V}), got values in [{int(targets.min())}, {int(targets.max())}]")
+    xp = get_xp(logits)
+    w = _weights("weights", weights, (N,), xp, logits.dtype)
+    logp, cache = log_softmax_forward(logits)  # (N, V)
+    rows = xp.arange(N)
+    total = float(w.sum())
+    denom = total if total > 0 else 1.0
+    loss = float(-(w * logp[rows, targets]).sum()) / denom
+    dlogits = cache.probs.copy()  # (N, V)
+    dlogits[rows, targets] -= 1.0
+    dlogits *= (w / logits.dtype.type(denom))[:, None]
+    return loss, dlogits
+
+
+def sigmoid_cross_entropy(logits, labels, weights=None):
+    """logits (...), labels (...) in {0, 1}, weights (...) -> (loss, dlogits (...)).
+
+    loss_i = -[y log s(z) + (1 - y) log(1 - s(z))], written as max(z, 0) - z y + log(1 + exp(-|z|)) so it never
+    overflows; dloss_i/dz = s(z) - y.
+    """
+    checks.float_array("logits", logits)
+    checks.shape("labels", labels, logits.shape, "like logits")
+    xp = get_xp(logits)
+    z = logits
+    y = labels.astype(z.dtype, copy=False)
+    w = _weights("weights", weights, z.shape, xp, z.dtype)
+    e = xp.exp(-xp.abs(z))  # in (0, 1]: the only exp taken
+    per = xp.maximum(z, 0) - z * y + xp.log1p(e)
+    sig = xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(z), stable on both sides
+    total = float(w.sum())
+    denom = total if total > 0 else 1.0
+    loss = float((w * per).sum()) / denom
+    dlogits = ((sig - y) * w / z.dtype.type(denom)).astype(z.dtype, copy=False)
+    return loss, dlogits
