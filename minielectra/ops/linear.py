@@ -13,26 +13,35 @@ class LinearCache(NamedTuple):
     W: object  # (C, OC) needed for dx
 
 
-def linear_forward(x, W, b):
-    """x (..., C) @ W (C, OC) + b (OC,) -> (..., OC)."""
+def matmul_forward(x, W):
+    """x (..., C) @ W (C, OC) -> (..., OC): a linear layer whose bias is added by the next op (e.g. bias_gelu)."""
     checks.float_array("x", x)
     checks.ndim("W", W, 2, "(C, OC)")
     C, OC = W.shape
     if x.ndim < 1 or x.shape[-1] != C:
         raise ValueError(f"x must have shape (..., C) with C = {C} to match W {tuple(W.shape)}, got {tuple(x.shape)}")
     checks.param("W", W, (C, OC), "(C, OC)")
-    checks.param("b", b, (OC,), "(OC,)")
-    out = x @ W + b  # (..., OC)
-    return out, LinearCache(x, W)
+    return x @ W, LinearCache(x, W)  # (..., OC)
 
 
-def linear_backward(dout, cache):
-    """Inverts `out = x @ W + b`: dx = dout @ W.T, dW = x.T @ dout over all leading rows, db = sum of dout."""
+def matmul_backward(dout, cache):
+    """Inverts `out = x @ W`: dx = dout @ W.T, dW = x.T @ dout summed over all leading rows."""
     x, W = cache
     C, OC = W.shape
     dx = dout @ W.T  # (..., C)
-    x2 = x.reshape(-1, C)  # every leading position is one row that used the same W
-    d2 = dout.reshape(-1, OC)
-    dW = x2.T @ d2  # (C, OC)
-    db = d2.sum(axis=0)  # (OC,)
+    dW = x.reshape(-1, C).T @ dout.reshape(-1, OC)  # (C, OC): every leading position is a row that used the same W
+    return dx, dW
+
+
+def linear_forward(x, W, b):
+    """x (..., C) @ W (C, OC) + b (OC,) -> (..., OC)."""
+    out, cache = matmul_forward(x, W)
+    checks.param("b", b, (W.shape[1],), "(OC,)")
+    return out + b, cache  # (..., OC)
+
+
+def linear_backward(dout, cache):
+    """Inverts `out = x @ W + b`: the matmul's (dx, dW), and db = dout summed over every leading position."""
+    dx, dW = matmul_backward(dout, cache)
+    db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (OC,)
     return dx, dW, db
