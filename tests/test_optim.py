@@ -176,7 +176,8 @@ def test_cupy_arrays_give_the_numpy_result():
     import cupy
 
     rng = np.random.default_rng(2)
-    params = {WEIGHT: rng.standard_normal((8, 5)).astype(np.float32), LN_WEIGHT: rng.standard_normal(5).astype(np.float32)}
+    params = {WEIGHT: rng.standard_normal((8, 5)).astype(np.float32),
+              LN_WEIGHT: rng.standard_normal(5).astype(np.float32)}
     grads = {k: rng.standard_normal(p.shape).astype(np.float32) for k, p in params.items()}
     on_gpu = {k: cupy.asarray(p) for k, p in params.items()}
     grads_gpu = {k: cupy.asarray(g) for k, g in grads.items()}
