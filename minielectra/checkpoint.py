@@ -65,6 +65,9 @@ def save_checkpoint(path, params, opt_state, step, config_json, rng, vocab=None,
     `rng` is the numpy.random.Generator the run draws from; `vocab` a list of tokens in id order; `extra` any
     JSON-able dict. Arrays may be NumPy or CuPy (CuPy arrays are copied to the host).
     """
+    if not set(params) == set(opt_state.m) == set(opt_state.v):
+        raise ValueError("opt_state.m and opt_state.v must have exactly the params' keys: build the state with "
+                         "adamw_init(params)")
     if vocab is not None and any("\n" in token for token in vocab):
         raise ValueError("a vocab token contains a newline; tokens are stored one per line, so none may contain one")
     tensors = {f"params/{k}": a for k, a in params.items()}
@@ -88,6 +91,9 @@ def save_params(path, params, metadata=None):
     clash = [k for k in _RESERVED if k in metadata]
     if clash:
         raise ValueError(f"metadata keys {', '.join(clash)} are reserved for the file format; rename them")
+    not_str = sorted(k for k, s in metadata.items() if not isinstance(k, str) or not isinstance(s, str))
+    if not_str:
+        raise ValueError(f"safetensors metadata maps str to str; convert {not_str} (json.dumps for structured values)")
     _write(path, {f"params/{k}": a for k, a in params.items()}, metadata, PARAMS_FORMAT)
 
 
@@ -102,8 +108,8 @@ def _write(path, tensors, metadata, file_format):
     """Host copies of `tensors`, the format tag and the digest, serialised, then moved onto `path` atomically."""
     path = Path(path)
     _refuse_pickle_name(path, "save")
-    # .get() is CuPy's device-to-host copy; the digest and safetensors both want contiguous host memory.
-    tensors = {k: np.ascontiguousarray(a.get() if hasattr(a, "get") else a) for k, a in tensors.items()}
+    # .get() is CuPy's device-to-host copy; the digest and safetensors both want C-contiguous host memory.
+    tensors = {k: np.asarray(a.get() if hasattr(a, "get") else a, order="C") for k, a in tensors.items()}
     metadata = {**metadata, "format": file_format}
     metadata["sha256"] = _digest(tensors, metadata)
     blob = safetensors.numpy.save(tensors, metadata=metadata)  # serialise before touching the disk
@@ -127,7 +133,7 @@ def _digest(tensors, metadata):
     """SHA-256 over every tensor (name, dtype, shape, bytes; sorted by name) and every metadata entry but sha256."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.asarray(tensors[name], order="C")
         h.update(f"{name}\0{a.dtype}\0{a.shape}\0".encode())
         h.update(a.tobytes())
     for key in sorted(k for k in metadata if k != "sha256"):

@@ -83,6 +83,10 @@ def test_save_rejects_what_it_could_not_load_back(tmp_path):
         save(tmp_path / "a.safetensors", extra={"x": object()})
     with pytest.raises(ValueError, match="newline"):
         save(tmp_path / "a.safetensors", vocab=["a\nb"])
+    params, state = trained_state()
+    del state.m[BIAS]
+    with pytest.raises(ValueError, match="adamw_init"):
+        save_checkpoint(tmp_path / "a.safetensors", params, state, 1, "{}", np.random.default_rng(0))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -202,6 +206,16 @@ def test_params_only_files(tmp_path):
         load_checkpoint(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="reserved"):
         save_params(tmp_path / "x.safetensors", params, metadata={"sha256": "mine"})
+    with pytest.raises(ValueError, match=r"str to str; convert \['epochs'\]"):
+        save_params(tmp_path / "x.safetensors", params, metadata={"epochs": 3})
+
+
+def test_scalar_and_float64_tensors_keep_their_shape_and_dtype(tmp_path):
+    params = {"scale": np.array(2.5, np.float64), "table": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+    save_params(tmp_path / "model.safetensors", params)
+    loaded, _ = load_params(tmp_path / "model.safetensors")
+    assert loaded["scale"].shape == () and loaded["scale"].dtype == np.float64 and loaded["scale"] == 2.5
+    np.testing.assert_array_equal(loaded["table"], params["table"])  # a transposed (non-contiguous) input
 
 
 def test_load_params_reads_a_full_checkpoint_too(tmp_path):
@@ -217,3 +231,20 @@ def test_save_creates_the_directory(tmp_path):
     save(path)
     assert load_checkpoint(path).step == 7
     assert os.listdir(path.parent) == ["step_1.safetensors"]
+
+
+class DeviceArray:
+    """Stands in for a CuPy array: not a NumPy array, copied to the host with .get()."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def get(self):
+        return self.host
+
+
+def test_device_arrays_are_copied_to_the_host(tmp_path):
+    params = {WEIGHT: np.arange(6, dtype=np.float32).reshape(2, 3)}
+    save_params(tmp_path / "model.safetensors", {k: DeviceArray(a) for k, a in params.items()})
+    loaded, _ = load_params(tmp_path / "model.safetensors")
+    np.testing.assert_array_equal(loaded[WEIGHT], params[WEIGHT])
