@@ -36,6 +36,11 @@ class ElectraConfig:
     mask_prob: float = 0.15  # share of non-special tokens the generator must predict
     rtd_weight: float = 50.0  # loss = mlm + rtd_weight * rtd
     temperature: float = 1.0  # Gumbel-max sampling temperature for the generator's replacements
+    # Special token ids, set from the tokenizer's vocab (a trained vocab puts them at 0-4, BERT's at 0 and 101-103).
+    pad_token_id: int = 0
+    cls_token_id: int = 2
+    sep_token_id: int = 3
+    mask_token_id: int = 4
 
     def validate(self):
         problems = []
@@ -56,6 +61,9 @@ class ElectraConfig:
         if self.vocab_size <= N_SPECIAL_TOKENS:
             problems.append(f"vocab_size {self.vocab_size} leaves no room for words beside the "
                             f"{N_SPECIAL_TOKENS} special tokens [PAD] [UNK] [CLS] [SEP] [MASK]")
+        specials = (self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id)
+        if not all(0 <= t < self.vocab_size for t in specials):
+            problems.append(f"special token ids {specials} must lie in [0, vocab_size {self.vocab_size})")
         if min(self.embedding_size, self.num_hidden_layers, self.max_position_embeddings, self.type_vocab_size) < 1:
             problems.append("embedding_size, num_hidden_layers, max_position_embeddings and type_vocab_size must be positive")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):

@@ -71,22 +71,22 @@ def _p(train, p):
     return p if train else 0.0
 
 
-def _layernorm(params, prefix, x, eps):
+def norm_forward(params, prefix, x, eps):
     return dispatch("layernorm_forward", x)(x, params[f"{prefix}.weight"], params[f"{prefix}.bias"], eps)
 
 
-def _layernorm_backward(dout, cache, grads, prefix):
+def norm_backward(dout, cache, grads, prefix):
     dx, dgamma, dbeta = dispatch("layernorm_backward", dout)(dout, cache)
     grads[f"{prefix}.weight"] += dgamma
     grads[f"{prefix}.bias"] += dbeta
     return dx
 
 
-def _dense(params, prefix, x):
+def dense_forward(params, prefix, x):
     return linear_forward(x, params[f"{prefix}.weight"], params[f"{prefix}.bias"])
 
 
-def _dense_backward(dout, cache, grads, prefix):
+def dense_backward(dout, cache, grads, prefix):
     dx, dW, db = linear_backward(dout, cache)
     grads[f"{prefix}.weight"] += dW
     grads[f"{prefix}.bias"] += db
@@ -111,7 +111,7 @@ def embeddings_forward(params, prefix, input_ids, token_type_ids, d, train=False
     words, words_cache = embedding_forward(input_ids, params[f"{prefix}.word_embeddings.weight"])  # (B, T, E)
     types, types_cache = embedding_forward(token_type_ids, params[f"{prefix}.token_type_embeddings.weight"])
     x = words + params[f"{prefix}.position_embeddings.weight"][:T] + types  # positions broadcast over B
-    x, ln = _layernorm(params, f"{prefix}.LayerNorm", x, d.layer_norm_eps)
+    x, ln = norm_forward(params, f"{prefix}.LayerNorm", x, d.layer_norm_eps)
     x, drop = dropout_forward(x, _p(train, d.hidden_dropout), rng, train)
     return x, EmbeddingsCache(words_cache, types_cache, ln, drop)
 
@@ -119,7 +119,7 @@ def embeddings_forward(params, prefix, input_ids, token_type_ids, d, train=False
 def embeddings_backward(dout, cache, grads, prefix):
     """Inverts embeddings_forward; the three lookups' gradients are scatter-added into their tables."""
     dx = dropout_backward(dout, cache.drop)
-    dx = _layernorm_backward(dx, cache.ln, grads, f"{prefix}.LayerNorm")  # (B, T, E)
+    dx = norm_backward(dx, cache.ln, grads, f"{prefix}.LayerNorm")  # (B, T, E)
     embedding_backward = dispatch("embedding_backward", dx)
     grads[f"{prefix}.word_embeddings.weight"] += embedding_backward(dx, cache.words)
     grads[f"{prefix}.token_type_embeddings.weight"] += embedding_backward(dx, cache.types)
@@ -150,26 +150,26 @@ def layer_forward(params, prefix, x, mask, d, train=False, rng=None):
         P("attention.output.dense.weight"), P("attention.output.dense.bias"),
         mask, d.num_heads, _p(train, d.attention_dropout), rng)  # (B, T, C)
     att, attn_drop = dropout_forward(att, _p(train, d.hidden_dropout), rng, train)
-    a, attn_ln = _layernorm(params, f"{prefix}.attention.output.LayerNorm", x + att, d.layer_norm_eps)
+    a, attn_ln = norm_forward(params, f"{prefix}.attention.output.LayerNorm", x + att, d.layer_norm_eps)
     h, inter = matmul_forward(a, P("intermediate.dense.weight"))  # (B, T, F)
     h, gelu = dispatch("bias_gelu_forward", h)(h, P("intermediate.dense.bias"))
-    f, out = _dense(params, f"{prefix}.output.dense", h)  # (B, T, C)
+    f, out = dense_forward(params, f"{prefix}.output.dense", h)  # (B, T, C)
     f, out_drop = dropout_forward(f, _p(train, d.hidden_dropout), rng, train)
-    y, out_ln = _layernorm(params, f"{prefix}.output.LayerNorm", a + f, d.layer_norm_eps)
+    y, out_ln = norm_forward(params, f"{prefix}.output.LayerNorm", a + f, d.layer_norm_eps)
     return y, LayerCache(attn, attn_drop, attn_ln, inter, gelu, out, out_drop, out_ln)
 
 
 def layer_backward(dout, cache, grads, prefix):
     """Inverts layer_forward. Each residual sends its gradient down two paths, which are summed."""
-    dsum = _layernorm_backward(dout, cache.out_ln, grads, f"{prefix}.output.LayerNorm")  # d(a + f)
+    dsum = norm_backward(dout, cache.out_ln, grads, f"{prefix}.output.LayerNorm")  # d(a + f)
     df = dropout_backward(dsum, cache.out_drop)
-    dh = _dense_backward(df, cache.out, grads, f"{prefix}.output.dense")  # (B, T, F)
+    dh = dense_backward(df, cache.out, grads, f"{prefix}.output.dense")  # (B, T, F)
     dh, db1 = dispatch("bias_gelu_backward", dh)(dh, cache.gelu)
     grads[f"{prefix}.intermediate.dense.bias"] += db1
     da, dW1 = matmul_backward(dh, cache.inter)
     grads[f"{prefix}.intermediate.dense.weight"] += dW1
     da = da + dsum  # the residual a -> a + f
-    dsum = _layernorm_backward(da, cache.attn_ln, grads, f"{prefix}.attention.output.LayerNorm")  # d(x + att)
+    dsum = norm_backward(da, cache.attn_ln, grads, f"{prefix}.attention.output.LayerNorm")  # d(x + att)
     datt = dropout_backward(dsum, cache.attn_drop)
     dx, *dparams = mha_backward(datt, cache.attn)
     for name, g in zip(("query.weight", "query.bias", "key.weight", "key.bias", "value.weight", "value.bias"),
@@ -194,7 +194,7 @@ def electra_encoder_forward(params, prefix, emb_prefix, input_ids, token_type_id
     x, emb = embeddings_forward(params, emb_prefix, input_ids, token_type_ids, d, train, rng)  # (B, T, E)
     project = None
     if d.embedding_size != d.hidden_size:
-        x, project = _dense(params, f"{prefix}.embeddings_project", x)  # (B, T, C)
+        x, project = dense_forward(params, f"{prefix}.embeddings_project", x)  # (B, T, C)
     layers = []
     for i in range(d.num_layers):
         x, c = layer_forward(params, f"{prefix}.encoder.layer.{i}", x, mask, d, train, rng)
@@ -207,5 +207,5 @@ def electra_encoder_backward(dout, cache, grads, prefix, emb_prefix):
     for i in reversed(range(len(cache.layers))):
         dout = layer_backward(dout, cache.layers[i], grads, f"{prefix}.encoder.layer.{i}")
     if cache.project is not None:
-        dout = _dense_backward(dout, cache.project, grads, f"{prefix}.embeddings_project")
+        dout = dense_backward(dout, cache.project, grads, f"{prefix}.embeddings_project")
     embeddings_backward(dout, cache.emb, grads, emb_prefix)

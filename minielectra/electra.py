@@ -1,0 +1,228 @@
+"""ELECTRA pre-training: a small generator (masked LM) and a discriminator (replaced-token detection), trained jointly.
+
+One step, as in Clark et al. (2020) and the official code:
+1. mask: pick round(15 %) of each sequence's non-special tokens; 85 % of them become [MASK], 15 % stay as they are.
+2. generator: encode the masked sequence, predict the original token at every picked position (MLM loss).
+3. sample: draw a replacement at every picked position from the generator's softmax with the Gumbel-max trick.
+   No gradient flows through the sample: the generator is trained by its MLM loss alone, not adversarially.
+4. discriminator: encode the original sequence with the samples written in, and say for EVERY non-pad token whether
+   it was replaced (a sample equal to the original counts as original). Learning from all tokens, not just the 15 %
+   that were masked, is what makes ELECTRA compute-efficient.
+5. loss = mlm + 50 * rtd. Both encoders share the token, position and type embeddings, so one backward pass through
+   both updates the tables; the word table also serves as the generator's output layer (tied LM head).
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from minielectra.backend import get_xp
+from minielectra.config import ElectraConfig
+from minielectra.nn import init_params, zeros_like
+from minielectra.nn.encoder import (EncoderDims, electra_encoder_backward, electra_encoder_forward, embeddings_shapes,
+                                    encoder_shapes)
+from minielectra.nn.heads import (discriminator_head_backward, discriminator_head_forward, discriminator_head_shapes,
+                                  generator_head_backward, generator_head_forward, generator_head_shapes)
+from minielectra.ops import checks
+from minielectra.ops.losses import sigmoid_cross_entropy, softmax_cross_entropy
+
+GEN = "generator"
+DISC = "discriminator"
+EMB = "discriminator.electra.embeddings"  # the shared tables live under the discriminator's name, as ELECTRA exports them
+WORDS = f"{EMB}.word_embeddings.weight"
+
+
+def encoder_dims(config: ElectraConfig, which):
+    """The EncoderDims of the generator or the discriminator: same depth and embeddings, different widths."""
+    gen = which == GEN
+    return EncoderDims(
+        vocab_size=config.vocab_size, embedding_size=config.embedding_size,
+        hidden_size=config.generator_hidden_size if gen else config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.generator_num_attention_heads if gen else config.num_attention_heads,
+        intermediate_size=config.generator_intermediate_size if gen else config.intermediate_size,
+        max_positions=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        hidden_dropout=config.hidden_dropout_prob, attention_dropout=config.attention_probs_dropout_prob,
+        layer_norm_eps=config.layer_norm_eps)
+
+
+def param_shapes(config: ElectraConfig):
+    """{name: shape} of every parameter of the generator + discriminator pair (shared embeddings counted once)."""
+    g, d = encoder_dims(config, GEN), encoder_dims(config, DISC)
+    return {
+        **embeddings_shapes(EMB, d),
+        **encoder_shapes(f"{GEN}.electra", g),
+        **generator_head_shapes(GEN, g.hidden_size, config.embedding_size, config.vocab_size),
+        **encoder_shapes(f"{DISC}.electra", d),
+        **discriminator_head_shapes(DISC, d.hidden_size),
+    }
+
+
+def init_model(config: ElectraConfig, rng, dtype=np.float32):
+    """Fresh parameters: truncated normal (sigma = initializer_range) weights, zero biases, unit LayerNorm gains."""
+    config.validate()
+    return init_params(param_shapes(config), rng, config.initializer_range, dtype)
+
+
+def count_params(params):
+    return sum(int(np.prod(v.shape)) for v in params.values())
+
+
+class Masking(NamedTuple):
+    positions: object  # (B, P) int: the picked positions, padded with 0 where weights is 0
+    weights: object  # (B, P) 1.0 at real picks
+    masked_ids: object  # (B, T) the generator's input: [MASK] at 85 % of the picks
+
+
+def max_predictions(config: ElectraConfig, T):
+    """The cap on picks per sequence, int((mask_prob + 0.005) * T) as the official code: 19 of 128."""
+    return max(1, int((config.mask_prob + 0.005) * T))
+
+
+def mask_tokens(input_ids, attention_mask, config: ElectraConfig, rng):
+    """Pick round(mask_prob * n) of each sequence's n non-special tokens (at least 1, at most max_predictions),
+    uniformly without replacement; replace 85 % of the picks with [MASK] and leave the rest unchanged (no random word).
+    """
+    B, T = input_ids.shape
+    special = ((input_ids == config.pad_token_id) | (input_ids == config.cls_token_id)
+               | (input_ids == config.sep_token_id) | (attention_mask == 0))
+    n = (~special).sum(axis=1)  # (B,) candidates per sequence
+    P = max_predictions(config, T)
+    k = np.minimum(n, np.clip(np.round(n * config.mask_prob).astype(np.int64), 1, P))  # (B,) picks per sequence
+    # A random key per token, pushed past every candidate's for special tokens: the first k of the argsort are a
+    # uniform sample of k candidates without replacement.
+    keys = rng.random((B, T)) + special * 2.0
+    positions = np.argsort(keys, axis=1, kind="stable")[:, :P]  # (B, P)
+    weights = (np.arange(P)[None, :] < k[:, None]).astype(np.float32)  # (B, P)
+    positions = np.where(weights > 0, positions, 0)
+    to_mask = (rng.random((B, P)) < 0.85) & (weights > 0)
+    masked_ids = input_ids.copy()
+    rows = np.broadcast_to(np.arange(B)[:, None], (B, P))
+    masked_ids[rows[to_mask], positions[to_mask]] = config.mask_token_id
+    return Masking(positions, weights, masked_ids)
+
+
+def gumbel_sample(logits, temperature, rng):
+    """One token per row of logits (N, V), drawn from softmax(logits / temperature) by the Gumbel-max trick:
+    argmax(logits / t + g) with g = -log(-log(u)) is distributed exactly as that softmax, with no normalisation.
+    The 1e-9 guards are the official code's: they keep log(0) out for u = 0.
+    """
+    u = rng.random(logits.shape, dtype=np.float32)
+    xp = get_xp(logits)
+    g = -xp.log(-xp.log(xp.asarray(u) + np.float32(1e-9)) + np.float32(1e-9))
+    return xp.argmax(logits / logits.dtype.type(temperature) + g, axis=-1)  # (N,)
+
+
+class StepCache(NamedTuple):
+    gen: object
+    gen_head: object
+    disc: object
+    disc_head: object
+    gen_rows: object  # (N,) flat indices b * T + t of the picked positions
+    dmlm: object  # (N, V) dloss_mlm / dlogits
+    drtd: object  # (B, T) dloss_rtd / dlogits
+    shape: tuple  # (B, T, generator hidden)
+
+
+class Output(NamedTuple):
+    losses: dict  # loss, mlm_loss, rtd_loss (floats)
+    metrics: dict  # generator/discriminator accuracies, replaced-token precision/recall, replaced fraction
+    samples: object  # (N,) the generator's sampled tokens at the picked positions, to replay a step exactly
+    cache: StepCache
+
+
+def _check_batch(batch, config):
+    input_ids, attention_mask = batch
+    checks.int_array("input_ids", input_ids)
+    checks.ndim("input_ids", input_ids, 2, "(B, T)")
+    checks.shape("attention_mask", attention_mask, input_ids.shape, "(B, T) like input_ids")
+    if input_ids.size and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+        raise ValueError(f"input_ids must lie in [0, vocab_size {config.vocab_size}): was the data tokenised with "
+                         "this model's vocab?")
+    return input_ids, attention_mask
+
+
+def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None):
+    """The losses, metrics and backward cache of one ELECTRA step on batch = (input_ids (B, T), attention_mask (B, T)).
+
+    `samples` (N,) replaces the drawn ones: a gradient check needs the discriminator's input to stay fixed while the
+    generator's weights move. Each phase (masking, generator dropout, sampling, discriminator dropout) draws from its
+    own Generator seeded from rng, so replaying one phase leaves the others' draws as they were, and rng advances by
+    the same amount every step (which makes a resumed run continue exactly).
+    """
+    input_ids, attention_mask = _check_batch(batch, config)
+    B, T = input_ids.shape
+    mask_rng, gen_rng, sample_rng, disc_rng = (np.random.default_rng(s) for s in rng.integers(2**63, size=4))
+    types = np.zeros_like(input_ids)
+    m = mask_tokens(input_ids, attention_mask, config, mask_rng)
+    picked = m.weights.reshape(-1) > 0
+    rows = (np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked]  # (N,) flat positions
+    targets = input_ids.reshape(-1)[rows]  # (N,) the original tokens
+
+    gd = encoder_dims(config, GEN)
+    gh, gen = electra_encoder_forward(params, f"{GEN}.electra", EMB, m.masked_ids, types, attention_mask, gd,
+                                      train, gen_rng)  # (B, T, Cg)
+    logits, gen_head = generator_head_forward(params, GEN, WORDS, gh.reshape(B * T, -1)[rows],
+                                              config.layer_norm_eps)  # (N, V)
+    mlm_loss, dmlm = softmax_cross_entropy(logits, targets)
+    if samples is None:
+        samples = gumbel_sample(logits, config.temperature, sample_rng)  # (N,), outside the graph: no gradient
+    corrupted = input_ids.copy()
+    corrupted.reshape(-1)[rows] = samples
+    labels = (corrupted != input_ids).astype(np.float32)  # (B, T): 1 = replaced
+
+    dd = encoder_dims(config, DISC)
+    dh, disc = electra_encoder_forward(params, f"{DISC}.electra", EMB, corrupted, types, attention_mask, dd,
+                                       train, disc_rng)  # (B, T, C)
+    dlogits_in, disc_head = discriminator_head_forward(params, DISC, dh)  # (B, T)
+    real = (attention_mask != 0).astype(dlogits_in.dtype)
+    rtd_loss, drtd = sigmoid_cross_entropy(dlogits_in, labels, real)
+
+    losses = {"loss": mlm_loss + config.rtd_weight * rtd_loss, "mlm_loss": mlm_loss, "rtd_loss": rtd_loss}
+    cache = StepCache(gen, gen_head, disc, disc_head, rows, dmlm, drtd, tuple(gh.shape))
+    return Output(losses, _metrics(logits, targets, samples, dlogits_in, labels, real), samples, cache)
+
+
+def _metrics(logits, targets, samples, dlogits, labels, real):
+    pred = dlogits > 0
+    replaced = labels > 0
+    real = real > 0
+    tp = float((pred & replaced & real).sum())
+
+    def ratio(a, b):
+        return a / b if b else float("nan")
+
+    return {
+        "gen_acc": ratio(float((logits.argmax(axis=-1) == targets).sum()), len(targets)),
+        "disc_acc": ratio(float(((pred == replaced) & real).sum()), float(real.sum())),
+        "disc_precision": ratio(tp, float((pred & real).sum())),
+        "disc_recall": ratio(tp, float((replaced & real).sum())),
+        "replaced_frac": ratio(float((replaced & real).sum()), float(real.sum())),
+    }
+
+
+def backward(output: Output, params, config: ElectraConfig):
+    """The grads dict of loss = mlm + rtd_weight * rtd, with the same keys as params."""
+    c = output.cache
+    grads = zeros_like(params)
+    ddh = discriminator_head_backward(c.drtd * c.drtd.dtype.type(config.rtd_weight), c.disc_head, grads, DISC)
+    electra_encoder_backward(ddh, c.disc, grads, f"{DISC}.electra", EMB)
+    dg = generator_head_backward(c.dmlm, c.gen_head, grads, GEN, WORDS)  # (N, Cg)
+    B, T, Cg = c.shape
+    dgh = np.zeros((B * T, Cg), dtype=dg.dtype)
+    dgh[c.gen_rows] = dg  # the head ran on picked positions only; the rest get no gradient from it
+    electra_encoder_backward(dgh.reshape(B, T, Cg), c.gen, grads, f"{GEN}.electra", EMB)
+    return grads
+
+
+def loss_and_grads(params, batch, config: ElectraConfig, rng, train=True, samples=None):
+    """(losses, metrics, grads) of one ELECTRA step; see `forward` for the arguments."""
+    out = forward(params, batch, config, rng, train, samples)
+    return out.losses, out.metrics, backward(out, params, config)
+
+
+def starting_loss(vocab_size, rtd_weight=50.0):
+    """The loss of an untrained model: ln V for a uniform generator plus rtd_weight * ln 2 for a coin-flip
+    discriminator (its logits start near 0)."""
+    return math.log(vocab_size) + rtd_weight * math.log(2.0)

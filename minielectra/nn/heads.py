@@ -1,0 +1,88 @@
+"""The output heads: the generator's tied masked-LM head, the discriminator's per-token head.
+
+Names follow Hugging Face: ElectraGeneratorPredictions (`generator_predictions.dense`, `.LayerNorm`) with
+`generator_lm_head` whose weight IS the word-embedding table (only its bias is a parameter of its own), and
+ElectraDiscriminatorPredictions (`discriminator_predictions.dense`, `.dense_prediction`).
+"""
+
+from typing import NamedTuple
+
+from minielectra.backend import dispatch
+from minielectra.nn.encoder import dense_forward, dense_backward, norm_forward, norm_backward
+from minielectra.ops.linear import linear_backward, linear_forward, matmul_backward, matmul_forward
+
+
+def generator_head_shapes(prefix, hidden, embedding_size, vocab_size):
+    return {
+        f"{prefix}.generator_predictions.dense.weight": (hidden, embedding_size),
+        f"{prefix}.generator_predictions.dense.bias": (embedding_size,),
+        f"{prefix}.generator_predictions.LayerNorm.weight": (embedding_size,),
+        f"{prefix}.generator_predictions.LayerNorm.bias": (embedding_size,),
+        f"{prefix}.generator_lm_head.bias": (vocab_size,),
+    }
+
+
+def discriminator_head_shapes(prefix, hidden):
+    return {
+        f"{prefix}.discriminator_predictions.dense.weight": (hidden, hidden),
+        f"{prefix}.discriminator_predictions.dense.bias": (hidden,),
+        f"{prefix}.discriminator_predictions.dense_prediction.weight": (hidden, 1),
+        f"{prefix}.discriminator_predictions.dense_prediction.bias": (1,),
+    }
+
+
+class GeneratorHeadCache(NamedTuple):
+    dense: object
+    gelu: object
+    ln: object
+    lm: object
+
+
+def generator_head_forward(params, prefix, table_key, h, eps):
+    """h (N, C) at the masked positions only -> vocabulary logits (N, V).
+
+    dense (C -> E) -> GELU -> LayerNorm -> x @ table.T + bias, where table (V, E) = params[table_key] is the shared
+    word-embedding table: the LM head reads words out with the same vectors the embeddings read them in with.
+    """
+    x, dense = matmul_forward(h, params[f"{prefix}.generator_predictions.dense.weight"])  # (N, E)
+    x, gelu = dispatch("bias_gelu_forward", x)(x, params[f"{prefix}.generator_predictions.dense.bias"])
+    x, ln = norm_forward(params, f"{prefix}.generator_predictions.LayerNorm", x, eps)
+    logits, lm = linear_forward(x, params[table_key].T, params[f"{prefix}.generator_lm_head.bias"])  # (N, V)
+    return logits, GeneratorHeadCache(dense, gelu, ln, lm)
+
+
+def generator_head_backward(dlogits, cache, grads, prefix, table_key):
+    """Inverts generator_head_forward -> dh (N, C); the tied table's gradient dW.T is added to the embedding's grads."""
+    dx, dWt, dbias = linear_backward(dlogits, cache.lm)  # dWt (E, V): the gradient of table.T
+    grads[table_key] += dWt.T
+    grads[f"{prefix}.generator_lm_head.bias"] += dbias
+    dx = norm_backward(dx, cache.ln, grads, f"{prefix}.generator_predictions.LayerNorm")
+    dx, db = dispatch("bias_gelu_backward", dx)(dx, cache.gelu)
+    grads[f"{prefix}.generator_predictions.dense.bias"] += db
+    dh, dW = matmul_backward(dx, cache.dense)
+    grads[f"{prefix}.generator_predictions.dense.weight"] += dW
+    return dh
+
+
+class DiscriminatorHeadCache(NamedTuple):
+    dense: object
+    gelu: object
+    pred: object
+
+
+def discriminator_head_forward(params, prefix, h):
+    """h (B, T, C) -> one logit per token (B, T): dense (C -> C) -> GELU -> dense (C -> 1). logit > 0 means 'replaced'."""
+    x, dense = matmul_forward(h, params[f"{prefix}.discriminator_predictions.dense.weight"])  # (B, T, C)
+    x, gelu = dispatch("bias_gelu_forward", x)(x, params[f"{prefix}.discriminator_predictions.dense.bias"])
+    logits, pred = dense_forward(params, f"{prefix}.discriminator_predictions.dense_prediction", x)  # (B, T, 1)
+    return logits[..., 0], DiscriminatorHeadCache(dense, gelu, pred)
+
+
+def discriminator_head_backward(dlogits, cache, grads, prefix):
+    """Inverts discriminator_head_forward -> dh (B, T, C)."""
+    dx = dense_backward(dlogits[..., None], cache.pred, grads, f"{prefix}.discriminator_predictions.dense_prediction")
+    dx, db = dispatch("bias_gelu_backward", dx)(dx, cache.gelu)
+    grads[f"{prefix}.discriminator_predictions.dense.bias"] += db
+    dh, dW = matmul_backward(dx, cache.dense)
+    grads[f"{prefix}.discriminator_predictions.dense.weight"] += dW
+    return dh
