@@ -32,24 +32,29 @@ def rel_error(a, b):
     return 0.0 if denom == 0 else float(np.linalg.norm(a - b) / denom)
 
 
+def _require_float64(x):
+    if x.dtype != np.float64:
+        raise TypeError(f"gradient checks need a float64 array, got {x.dtype}: rounding in lower precision swamps h")
+
+
 def numerical_grad(f, x, h=H, indices=None):
     """Centred finite-difference gradient of the scalar f() with respect to the float64 array x, perturbed in place.
 
-    With `indices` (flat positions), only those entries are computed and returned as a 1-D array in that order;
-    otherwise the full gradient with x's shape is returned. x is restored exactly after every probe.
+    With `indices` (flat positions in C order), only those entries are computed and returned as a 1-D array in that
+    order; otherwise the full gradient with x's shape is returned. x is restored exactly after every probe. Entries
+    are addressed by their multi-index, so x may be a non-contiguous view.
     """
-    if x.dtype != np.float64:
-        raise TypeError(f"numerical_grad needs a float64 array, got {x.dtype}: rounding in lower precision swamps h")
-    flat = x.reshape(-1)  # a view: writing it perturbs x
-    positions = range(flat.size) if indices is None else indices
+    _require_float64(x)
+    positions = range(x.size) if indices is None else indices
     out = []
     for i in positions:
-        old = flat[i]
-        flat[i] = old + h
+        at = np.unravel_index(i, x.shape)
+        old = x[at]
+        x[at] = old + h
         fp = f()
-        flat[i] = old - h
+        x[at] = old - h
         fm = f()
-        flat[i] = old
+        x[at] = old
         out.append((fp - fm) / (2 * h))
     out = np.array(out, dtype=np.float64)
     return out.reshape(x.shape) if indices is None else out
@@ -80,6 +85,7 @@ def check_backward(f, x, grad, name="x", rng=None, tol=TOLERANCE):
     numbers compared are the directional derivatives. ok when the relative error is at most `tol`, or when both the
     numerical and the analytic values are all below ABS_TOLERANCE (a gradient that is zero in theory). Returns a Row for the report table.
     """
+    _require_float64(x)
     grad = np.asarray(grad, dtype=np.float64)
     if grad.shape != x.shape:
         raise ValueError(f"gradient of {name} has shape {grad.shape}, but {name} has shape {x.shape}")
