@@ -1,0 +1,370 @@
+"""Corpora to training batches: read text, split it into documents, tokenise (cached), pack, shuffle, batch.
+
+    load_corpus(path)  ->  documents (list of str)
+    tokenize_corpus(documents, tokenizer)  ->  one id array per document, cached on disk
+    pack_sequences(ids, seq_len, ...)  ->  input_ids, attention_mask  (N, seq_len)
+    split_train_eval(...)  ->  train and eval sequences
+    Batches(input_ids, attention_mask, batch_size, rng)  ->  endless shuffled batches, resumable
+
+A corpus is a UTF-8 text file, a folder of .txt files, or the built-in corpus: the docstrings and comments of the
+Python standard library, which is real English on every machine that runs this code, with nothing to download.
+"""
+
+import ast
+import copy
+import hashlib
+import io
+import os
+import re
+import sysconfig
+import tokenize as py_tokenize
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message says which file or which numbers, and what to do."""
+
+
+class DataWarning(UserWarning):
+    """A file of a corpus folder was skipped."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading corpora
+# ---------------------------------------------------------------------------------------------------------------------
+
+# A blank line is empty or whitespace only; one or more of them end a document.
+_BLANK_LINES = re.compile(r"\n[^\S\n]*(?:\n[^\S\n]*)+")
+
+
+def split_documents(text):
+    """Documents of `text`: the stretches between blank lines, stripped; empty ones dropped."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [doc.strip() for doc in _BLANK_LINES.split(text) if doc.strip()]
+
+
+def read_documents(path):
+    """The documents of one UTF-8 text file. A byte-order mark is ignored; anything else that is not UTF-8 is an error."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: byte offset {e.start} is not valid UTF-8 ({e.reason}); corpus files must be UTF-8, "
+                        f"so re-encode it (e.g. `iconv -f latin1 -t utf-8 {path.name}`)") from None
+    docs = split_documents(text)
+    if not docs:
+        raise DataError(f"{path} is empty (no text besides whitespace): give a file with some text in it")
+    return docs
+
+
+def _read_folder(folder):
+    files = sorted(p for p in folder.rglob("*.txt") if p.is_file())  # sorted: the same corpus order on every machine
+    docs = []
+    for path in files:
+        try:
+            docs.extend(read_documents(path))
+        except DataError as e:
+            warnings.warn(f"skipping {path}: {e}", DataWarning, stacklevel=3)
+    if not docs:
+        raise DataError(f"the folder {folder} holds no usable .txt file ({len(files)} found): "
+                        "add UTF-8 .txt files with some text in them")
+    return docs
+
+
+def load_corpus(path=None):
+    """Documents of a corpus: a .txt file, a folder of .txt files (recursive), or None / 'builtin' for the built-in one."""
+    if path is None or path == "builtin":
+        return builtin_corpus()
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.exists():
+        raise DataError(f"corpus {path} does not exist: give a UTF-8 text file, a folder of .txt files, or 'builtin'")
+    return read_documents(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The built-in corpus: the standard library's docstrings and comments
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Folders of the standard library whose text is test data, code samples or vendored packages rather than prose.
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
+              "__pycache__", "__phello__", "config-3", "Tools"}
+_MIN_DOC_CHARS = 40
+
+
+def _is_prose_line(line):
+    """False for lines that are mostly not letters: rulers, ASCII art, tables of numbers, doctest prompts."""
+    stripped = line.strip()
+    if stripped.startswith((">>>", "...", "$ ")):
+        return False
+    chars = stripped.replace(" ", "")
+    return sum(map(str.isalpha, chars)) >= 0.6 * len(chars)
+
+
+def _clean_doc(text):
+    lines = [line.strip() for line in text.splitlines()]
+    doc = "\n".join(line for line in lines if line and _is_prose_line(line))
+    return doc if len(doc) >= _MIN_DOC_CHARS else None
+
+
+def _docstrings(tree):
+    """Docstrings of a module and of the classes and functions in it, at any depth.
+
+    Only statements can carry docstrings, so we descend through statement bodies and skip the expressions, which
+    are most of a syntax tree: five times faster than ast.walk.
+    """
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield doc
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            stack.extend(reversed(getattr(node, field, None) or []))
+
+
+def _comment_blocks(source):
+    """Comments of a source file, consecutive comment lines joined into one block."""
+    block, last_line = [], None
+    for tok in py_tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != py_tokenize.COMMENT:
+            continue
+        line = tok.start[0]
+        if block and line != last_line + 1:
+            yield "\n".join(block)
+            block = []
+        block.append(tok.string.lstrip("#!").strip())
+        last_line = line
+    if block:
+        yield "\n".join(block)
+
+
+def builtin_corpus():
+    """Documents of English from the running Python's standard library: every docstring and comment block.
+
+    The .py files are parsed (`ast`) and tokenised (`tokenize`), never imported or run. A few MB of text in a few
+    seconds; files that do not parse are skipped, since they are not what we are here for.
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith((".", "config-")))
+        files.extend(Path(root) / n for n in sorted(names) if n.endswith(".py"))
+    docs = []
+    for path in files:
+        try:
+            source = path.read_bytes().decode("utf-8")
+            texts = list(_docstrings(ast.parse(source))) + list(_comment_blocks(source))
+        except (SyntaxError, ValueError, py_tokenize.TokenError):  # UnicodeDecodeError is a ValueError
+            continue
+        docs.extend(doc for doc in map(_clean_doc, texts) if doc)
+    if not docs:
+        raise DataError(f"found no docstrings under {stdlib}: this Python ships without its standard library "
+                        "sources, so give a corpus file or folder instead")
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenising, with a cache on disk
+# ---------------------------------------------------------------------------------------------------------------------
+
+_CACHE_FORMAT = 1  # bump when tokenisation or the file layout changes, so old cache files are not reused
+
+
+def default_cache_dir():
+    """$MINIELECTRA_CACHE, else $XDG_CACHE_HOME/minielectra, else ~/.cache/minielectra."""
+    if os.environ.get("MINIELECTRA_CACHE"):
+        return Path(os.environ["MINIELECTRA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minielectra"
+
+
+def _corpus_key(docs, tokenizer):
+    h = hashlib.sha256(f"minielectra-tokens-{_CACHE_FORMAT}\n".encode())
+    h.update("\n".join(tokenizer.vocab).encode("utf-8"))
+    for doc in docs:
+        data = doc.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))  # the length keeps ["ab", "c"] and ["a", "bc"] apart
+        h.update(data)
+    return h.hexdigest()[:32]
+
+
+def tokenize_corpus(docs, tokenizer, cache_dir=None, use_cache=True):
+    """One int32 id array per document (no [CLS] / [SEP]), loaded from `cache_dir` when this exact corpus and
+    vocabulary were tokenised before. cache_dir None means default_cache_dir(); use_cache=False skips the disk."""
+    if isinstance(docs, str):
+        raise TypeError("tokenize_corpus takes a list of documents, not a single str")
+    docs = list(docs)
+    path = None
+    if use_cache:
+        path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / \
+            f"tokens-{_corpus_key(docs, tokenizer)}.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as f:
+                ids, offsets = f["ids"], f["offsets"]
+            return np.split(ids, offsets[1:-1])
+
+    encoded = tokenizer.encode_many(docs)
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter((i for e in encoded for i in e), dtype=np.int32, count=int(offsets[-1]))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, ids=ids, offsets=offsets)
+            os.replace(tmp, path)  # atomic, so a crash never leaves a half-written cache that a later run trusts
+        except OSError as e:
+            warnings.warn(f"could not write the token cache {path} ({e}); continuing without it", DataWarning,
+                          stacklevel=2)
+    return np.split(ids, offsets[1:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing into fixed-length sequences
+# ---------------------------------------------------------------------------------------------------------------------
+
+def pack_sequences(docs_ids, seq_len, cls_id, sep_id, pad_id):
+    """Pack documents into (N, seq_len) int32 input_ids and attention_mask, each row [CLS] chunk [SEP] [PAD]...
+
+    We concatenate all documents into one token stream and cut it into chunks of seq_len - 2 tokens (RoBERTa's
+    "full sentences"). A chunk may end one document and start the next with no marker in between. ELECTRA's own
+    script instead fills each sequence with whole sentences and splits the text into two segments; for pre-training
+    by replaced-token detection the simpler stream loses nothing that matters and wastes no tokens on padding. Only
+    the last row is partial: padded with pad_id, attention_mask 0 from the position after its [SEP].
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 3:
+        raise ValueError(f"seq_len must be an int >= 3 ([CLS], at least one token, [SEP]), got {seq_len!r}")
+    stream = np.concatenate([np.asarray(d, dtype=np.int32).reshape(-1) for d in docs_ids] or
+                            [np.zeros(0, np.int32)])
+    if stream.size == 0:
+        raise DataError("there are no tokens to pack: the corpus is empty after tokenisation")
+    body = seq_len - 2
+    n_rows = -(-stream.size // body)  # ceil
+    lengths = np.full(n_rows, body)  # (N,) tokens of text in each row
+    lengths[-1] = stream.size - (n_rows - 1) * body
+
+    chunks = np.full(n_rows * body, pad_id, dtype=np.int32)
+    chunks[:stream.size] = stream
+    input_ids = np.full((n_rows, seq_len), pad_id, dtype=np.int32)
+    input_ids[:, 0] = cls_id
+    input_ids[:, 1:-1] = chunks.reshape(n_rows, body)
+    input_ids[np.arange(n_rows), lengths + 1] = sep_id  # right after each row's last token
+    attention_mask = (np.arange(seq_len) < (lengths + 2)[:, None]).astype(np.int32)  # (N, T)
+    input_ids[attention_mask == 0] = pad_id  # the last row's slot for [SEP] at seq_len - 1 was never written to
+    return input_ids, attention_mask
+
+
+def build_dataset(corpus_path, tokenizer, seq_len, cache_dir=None):
+    """load_corpus -> tokenize_corpus -> pack_sequences with the tokenizer's special ids: (input_ids, attention_mask)."""
+    ids = tokenize_corpus(load_corpus(corpus_path), tokenizer, cache_dir=cache_dir)
+    return pack_sequences(ids, seq_len, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Splitting and batching
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _check_pair(input_ids, attention_mask):
+    input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids and attention_mask must both be (N, seq_len), got {input_ids.shape} and "
+                         f"{attention_mask.shape}")
+    return input_ids, attention_mask
+
+
+def split_train_eval(input_ids, attention_mask, eval_fraction, seed):
+    """Shuffle the sequences by `seed`, then split: ((train_ids, train_mask), (eval_ids, eval_mask)).
+
+    The eval set gets round(N * eval_fraction) sequences, at least one when eval_fraction > 0.
+    """
+    input_ids, attention_mask = _check_pair(input_ids, attention_mask)
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(input_ids)
+    n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 else 0
+    if n - n_eval < 1:
+        raise DataError(f"{n} sequence(s) cannot be split into a training and an eval set: use a bigger corpus or a "
+                        "shorter seq_len")
+    order = np.random.default_rng(seed).permutation(n)
+    train, held_out = order[n_eval:], order[:n_eval]
+    return (input_ids[train], attention_mask[train]), (input_ids[held_out], attention_mask[held_out])
+
+
+def _to_json(value):
+    """A bit generator's state with NumPy arrays (MT19937 keeps one) turned into lists, so it can go into JSON."""
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+class Batches:
+    """Endless shuffled batches of (input_ids, attention_mask), each (batch_size, seq_len).
+
+    Every epoch visits the sequences in a fresh order drawn from `rng`, a numpy Generator this object owns (give it
+    its own, e.g. `np.random.default_rng(seed)`, so that other random draws do not shift the order); the last
+    N % batch_size sequences of an order are left out that epoch so every batch is full. `state_dict()` is plain JSON;
+    `load_state_dict()` on a Batches over the same data makes it yield exactly the batches the saved one would have.
+    """
+
+    def __init__(self, input_ids, attention_mask, batch_size, rng):
+        self.input_ids, self.attention_mask = _check_pair(input_ids, attention_mask)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got "
+                            f"{type(rng).__name__}")
+        n = len(self.input_ids)
+        if n < batch_size:
+            raise DataError(f"the corpus packs into {n} sequence(s), fewer than one batch of {batch_size}: use a "
+                            "bigger corpus, a smaller batch_size or a shorter seq_len")
+        self.batch_size = int(batch_size)
+        self.rng = rng
+        self.epoch = 0
+        self._new_order()
+
+    @property
+    def batches_per_epoch(self):
+        return len(self.input_ids) // self.batch_size
+
+    def _new_order(self):
+        # The generator's state before the draw is all a checkpoint needs to redraw this very order.
+        self._order_rng_state = copy.deepcopy(self.rng.bit_generator.state)
+        self._order = self.rng.permutation(len(self.input_ids))
+        self._next = 0  # index of the next batch within this epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._next == self.batches_per_epoch:
+            self.epoch += 1
+            self._new_order()
+        rows = self._order[self._next * self.batch_size:(self._next + 1) * self.batch_size]
+        self._next += 1
+        return self.input_ids[rows], self.attention_mask[rows]
+
+    def state_dict(self):
+        return {"num_sequences": len(self.input_ids), "batch_size": self.batch_size, "epoch": self.epoch,
+                "next_batch": self._next, "rng_state": _to_json(self._order_rng_state)}
+
+    def load_state_dict(self, state):
+        expected = (len(self.input_ids), self.batch_size)
+        if (state["num_sequences"], state["batch_size"]) != expected:
+            raise DataError(f"the saved batch state is for {state['num_sequences']} sequences in batches of "
+                            f"{state['batch_size']}, but this data has {expected[0]} in batches of {expected[1]}: "
+                            "resume with the same corpus, tokenizer, seq_len and batch_size")
+        self.rng.bit_generator.state = copy.deepcopy(state["rng_state"])
+        self._new_order()  # redraws the saved epoch's order and leaves the generator where the saved one was
+        self.epoch = state["epoch"]
+        self._next = state["next_batch"]
