@@ -1,0 +1,93 @@
+"""Numba CPU kernels for `minielectra.ops.losses` (softmax_cross_entropy, sigmoid_cross_entropy).
+
+softmax_cross_entropy reads each row of logits three times (max, sum of exp, then dlogits = softmax - onehot, scaled)
+and allocates nothing of size (N, V) but dlogits itself, where the reference materialises the shifted scores, their
+exp, log-probabilities and probabilities. Rows run in a prange. The per-row weighted log-probabilities come back as an
+(N,) array that is summed on the host exactly as the reference sums them, so the loss matches it.
+sigmoid_cross_entropy is one fused elementwise pass. Both keep the reference's stable forms and expression order.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from kernels.numba_cpu._common import float_dtype
+from minielectra.ops import checks
+from minielectra.ops.losses import _weights
+
+
+@njit(cache=True, parallel=True)
+def _softmax_ce(logits, targets, w, denom, one, wlogp, dlogits):
+    N, V = logits.shape
+    zero = one - one
+    for i in prange(N):
+        m = logits[i, 0]
+        for j in range(1, V):
+            if logits[i, j] > m:
+                m = logits[i, j]
+        s = zero
+        for j in range(V):
+            s += math.exp(logits[i, j] - m)
+        t = targets[i]
+        wlogp[i] = w[i] * (logits[i, t] - m - math.log(s))
+        c = w[i] / denom  # the reference's w / denom, in the logits' dtype
+        for j in range(V):
+            dlogits[i, j] = math.exp(logits[i, j] - m) / s * c
+        dlogits[i, t] = (math.exp(logits[i, t] - m) / s - one) * c
+
+
+@njit(cache=True, parallel=True)
+def _sigmoid_ce(z, y, w, denom, one, wper, dz):
+    n = z.shape[0]
+    zero = one - one
+    for i in prange(n):
+        zi = z[i]
+        e = math.exp(-abs(zi))  # in (0, 1]: the only exp taken
+        wper[i] = w[i] * (max(zi, zero) - zi * y[i] + math.log1p(e))
+        sig = one / (one + e) if zi >= zero else e / (one + e)  # sigmoid(z), stable on both sides
+        dz[i] = (sig - y[i]) * w[i] / denom
+
+
+def softmax_cross_entropy(logits, targets, weights=None):
+    """logits (N, V), targets (N,) ints in [0, V), weights (N,) -> (loss, dlogits (N, V)).
+
+    loss_i = -log softmax(logits_i)[targets_i]; dloss_i/dlogits_i = softmax(logits_i) - onehot(targets_i).
+    """
+    checks.float_array("logits", logits)
+    checks.ndim("logits", logits, 2, "(N, V)")
+    checks.int_array("targets", targets)
+    N, V = logits.shape
+    checks.shape("targets", targets, (N,), "(N,)")
+    if N and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        raise ValueError(f"targets must lie in [0, {V}), got values in [{int(targets.min())}, {int(targets.max())}]")
+    dt = logits.dtype
+    x = np.ascontiguousarray(logits)
+    w = np.ascontiguousarray(_weights("weights", weights, (N,), np, dt))
+    total = float(w.sum())
+    denom = total if total > 0 else 1.0
+    wlogp = np.empty(N, dt)
+    dlogits = np.empty((N, V), dt)
+    if N:
+        _softmax_ce(x, np.ascontiguousarray(targets, dtype=np.int64), w, dt.type(denom), dt.type(1), wlogp, dlogits)
+    return float(-wlogp.sum()) / denom, dlogits
+
+
+def sigmoid_cross_entropy(logits, labels, weights=None):
+    """logits (...), labels (...) in {0, 1}, weights (...) -> (loss, dlogits (...)).
+
+    loss_i = -[y log s(z) + (1 - y) log(1 - s(z))], written as max(z, 0) - z y + log(1 + exp(-|z|)) so it never
+    overflows; dloss_i/dz = s(z) - y.
+    """
+    checks.float_array("logits", logits)
+    checks.shape("labels", labels, logits.shape, "like logits")
+    dt = logits.dtype
+    z = np.ascontiguousarray(logits).reshape(-1)
+    y = np.ascontiguousarray(labels, dtype=dt).reshape(-1)
+    w = np.ascontiguousarray(_weights("weights", weights, logits.shape, np, dt)).reshape(-1)
+    total = float(w.sum())
+    denom = total if total > 0 else 1.0
+    wper = np.empty(z.shape, dt)
+    dz = np.empty(z.shape, dt)
+    _sigmoid_ce(z, y, w, dt.type(denom), dt.type(1), wper, dz)
+    return float(wper.sum()) / denom, dz.reshape(logits.shape)
