@@ -12,8 +12,10 @@ from minielectra.ops.activations import bias_gelu_backward, bias_gelu_forward, g
 
 
 def assert_rows_ok(rows):
+    """Every row ok with rel error <= 1e-6; a gradient that is zero in theory (e.g. gelu' at x = -30 is 1e-114, the
+    finite difference exactly 0: rel error 1) may pass on an absolute difference below 1e-9 instead."""
     for r in rows:
-        assert r.ok and r.rel_error <= 1e-6, format_table(rows)
+        assert r.ok and (r.rel_error <= 1e-6 or r.max_abs_diff <= 1e-9), format_table(rows)
 
 
 def gelu_exact_ref(x):

@@ -1,0 +1,107 @@
+"""Inverted dropout: identity in eval, p of the entries zeroed, survivors scaled by 1 / (1 - p), replayable from a seed."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minielectra.gradcheck import check_op, format_table
+from minielectra.ops.dropout import dropout_backward, dropout_forward
+
+
+def assert_rows_ok(rows):
+    """Every row ok with rel error <= 1e-6; a gradient that is zero in theory (e.g. gelu' at x = -30 is 1e-114, the
+    finite difference exactly 0: rel error 1) may pass on an absolute difference below 1e-9 instead."""
+    for r in rows:
+        assert r.ok and (r.rel_error <= 1e-6 or r.max_abs_diff <= 1e-9), format_table(rows)
+
+
+@pytest.mark.parametrize("p, train, rng", [(0.0, True, np.random.default_rng(0)), (0.0, True, None),
+                                           (0.5, False, None), (0.5, False, np.random.default_rng(0))])
+def test_identity_when_p_is_zero_or_not_training(p, train, rng):
+    x = np.random.default_rng(1).standard_normal((3, 4))
+    before = x.copy()
+    out, cache = dropout_forward(x, p, rng, train=train)
+    assert out is x or np.array_equal(out, before)
+    assert cache.scale is None
+    dout = np.random.default_rng(2).standard_normal((3, 4))
+    np.testing.assert_array_equal(dropout_backward(dout, cache), dout)
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
+def test_zero_fraction_scale_and_expectation(p):
+    x = np.ones((1000, 1000))
+    out, cache = dropout_forward(x, p, np.random.default_rng(3))
+    dropped = out == 0
+    assert abs(dropped.mean() - p) < 5e-3  # std of the fraction is sqrt(p (1 - p) / 1e6) < 5e-4
+    np.testing.assert_allclose(out[~dropped], 1.0 / (1.0 - p), rtol=1e-15)
+    assert abs(out.mean() - 1.0) < 2e-2  # expectation preserved
+    # the backward uses the same mask and scale
+    dx = dropout_backward(np.ones_like(x), cache)
+    np.testing.assert_array_equal(dx == 0, dropped)
+    np.testing.assert_array_equal(dx, out)
+
+
+def test_survivors_are_the_input_scaled():
+    x = np.random.default_rng(4).standard_normal((50, 40)) * 1000
+    out, _ = dropout_forward(x, 0.25, np.random.default_rng(5))
+    kept = out != 0
+    assert 0 < kept.sum() < x.size
+    np.testing.assert_allclose(out[kept], x[kept] * 4.0 / 3.0, rtol=1e-15)
+    assert np.isfinite(out).all()
+
+
+def test_same_seed_same_mask_different_seed_different_mask():
+    x = np.ones((20, 30))
+    a, _ = dropout_forward(x, 0.3, np.random.default_rng(11))
+    b, _ = dropout_forward(x, 0.3, np.random.default_rng(11))
+    c, _ = dropout_forward(x, 0.3, np.random.default_rng(12))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_successive_calls_on_one_generator_draw_fresh_masks():
+    rng = np.random.default_rng(13)
+    a, _ = dropout_forward(np.ones((20, 30)), 0.3, rng)
+    b, _ = dropout_forward(np.ones((20, 30)), 0.3, rng)
+    assert not np.array_equal(a, b)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       p=st.sampled_from([0.0, 0.1, 0.5, 0.9]), scale=st.sampled_from([1e-3, 1.0, 1000.0]))
+def test_grads_with_a_fixed_seed(seed, shape, p, scale):
+    x = np.random.default_rng(seed).standard_normal(shape) * scale
+
+    def forward(x):  # a fresh Generator per call: every probe of the finite difference sees the same mask
+        return dropout_forward(x, p, np.random.default_rng(seed))
+
+    assert_rows_ok(check_op(forward, dropout_backward, {"x": x}, ["x"]))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_float32_in_float32_out(train):
+    x = np.ones((4, 5), dtype=np.float32)
+    out, cache = dropout_forward(x, 0.5, np.random.default_rng(0), train=train)
+    assert out.dtype == np.float32
+    assert dropout_backward(np.ones_like(out), cache).dtype == np.float32
+    if train:
+        assert set(np.unique(out)) <= {0.0, 2.0}
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan")])
+def test_p_outside_0_1_raises(p):
+    with pytest.raises(ValueError, match=r"^p must be in \[0, 1\)"):
+        dropout_forward(np.ones(3), p, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("rng", [None, 0, np.random.RandomState(0)])
+def test_missing_generator_raises(rng):
+    with pytest.raises(TypeError, match="Generator"):
+        dropout_forward(np.ones(3), 0.5, rng)
+
+
+def test_int_input_names_x():
+    with pytest.raises(TypeError, match=r"^x\b"):
+        dropout_forward(np.arange(3), 0.5, np.random.default_rng(0))
