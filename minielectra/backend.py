@@ -83,6 +83,22 @@ _OP_MODULES = {
 _kernel_cache = {}
 
 
+def kernel_names():
+    """The ops the active backend replaces with kernels (those whose kernel module exists and defines them)."""
+    package = {"numba": "kernels.numba_cpu", "cupy": "kernels.cupy_gpu"}.get(active_backend())
+    if package is None:
+        return []
+    found = []
+    for op, module in _OP_MODULES.items():
+        try:
+            if hasattr(importlib.import_module(f"{package}.{module}"), op):
+                found.append(op)
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.{module}":
+                raise
+    return found
+
+
 def dispatch(op_name, *arrays):
     """The implementation of `op_name` to call on `arrays`: a kernel where the active backend has one, else the reference."""
     module_name = _OP_MODULES[op_name]

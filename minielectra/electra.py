@@ -191,7 +191,7 @@ def _metrics(logits, targets, samples, dlogits, labels, real):
     tp = float((pred & replaced & real).sum())
 
     def ratio(a, b):
-        return a / b if b else float("nan")
+        return a / b if b else 0.0  # e.g. precision when nothing was flagged: 0, not NaN, so logs stay plain JSON
 
     return {
         "gen_acc": ratio(float((logits.argmax(axis=-1) == targets).sum()), len(targets)),

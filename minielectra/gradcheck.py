@@ -137,3 +137,95 @@ def format_table(rows, title=None):
     for r in rows:
         lines.append(f"{r.name:<{width}}  {r.max_abs_diff:>12.2e}  {r.rel_error:>9.2e}  {'yes' if r.ok else 'NO'}")
     return "\n".join(lines)
+
+
+# ---- the report `minielectra gradcheck` prints ------------------------------------------------------------------------
+
+
+def _op_rows(rng):
+    """Gradient checks of every reference op, on small float64 inputs with a padded sequence and dropout on."""
+    from minielectra.ops import activations, attention, dropout, embedding, layernorm, linear, softmax
+
+    def r(*shape):
+        return rng.standard_normal(shape)
+
+    B, T, C, H = 2, 5, 4, 2
+    mask = np.ones((B, T))
+    mask[1, 3:] = 0  # the second sequence ends in two pads
+    bool_mask = (mask != 0)[:, None, :]  # (B, 1, T): softmax over keys
+    sections = [
+        ("linear", linear.linear_forward, linear.linear_backward, dict(x=r(B, T, C), W=r(C, 3), b=r(3)), ["x", "W", "b"]),
+        ("gelu", activations.gelu_forward, activations.gelu_backward, dict(x=3 * r(B, T, C)), ["x"]),
+        ("gelu tanh", lambda x: activations.gelu_forward(x, approximate=True), activations.gelu_backward,
+         dict(x=3 * r(B, T, C)), ["x"]),
+        ("bias_gelu", activations.bias_gelu_forward, activations.bias_gelu_backward, dict(x=r(B, T, C), b=r(C)),
+         ["x", "b"]),
+        ("dropout", lambda x: dropout.dropout_forward(x, 0.3, np.random.default_rng(1)), dropout.dropout_backward,
+         dict(x=r(B, T, C)), ["x"]),
+        ("softmax", lambda x: softmax.softmax_forward(x, bool_mask), softmax.softmax_backward, dict(x=r(B, T, T)),
+         ["x"]),
+        ("log_softmax", lambda x: softmax.log_softmax_forward(x, bool_mask), softmax.log_softmax_backward,
+         dict(x=r(B, T, T)), ["x"]),
+        ("layernorm", layernorm.layernorm_forward, layernorm.layernorm_backward,
+         dict(x=r(B, T, C), gamma=r(C), beta=r(C)), ["x", "gamma", "beta"]),
+        ("embedding", embedding.embedding_forward, embedding.embedding_backward,
+         dict(ids=np.array([[1, 2, 1], [0, 1, 3]]), table=r(4, C)), ["table"]),
+        ("attention", lambda q, k, v: attention.attention_forward(q, k, v, mask, 0.1, np.random.default_rng(2)),
+         attention.attention_backward, dict(q=r(B, H, T, 3), k=r(B, H, T, 3), v=r(B, H, T, 3)), ["q", "k", "v"]),
+        ("mha", lambda **a: attention.mha_forward(mask=mask, n_heads=H, p_drop=0.1, rng=np.random.default_rng(3), **a),
+         attention.mha_backward,
+         dict(x=r(B, T, C), **{f"{w}{n}": r(C, C) if w == "W" else r(C) for n in "qkvo" for w in "Wb"}),
+         ["x", "Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo"]),
+    ]
+    rows = []
+    for title, fwd, bwd, inputs, names in sections:
+        rows += [row._replace(name=f"{title}: {row.name}") for row in check_op(fwd, bwd, inputs, names, rng)]
+    return rows
+
+
+def _loss_rows(rng):
+    from minielectra.ops.losses import sigmoid_cross_entropy, softmax_cross_entropy
+
+    logits, targets, w = rng.standard_normal((6, 7)), rng.integers(0, 7, 6), rng.random(6)
+    z, y, wz = rng.standard_normal((2, 5)), rng.integers(0, 2, (2, 5)), rng.random((2, 5))
+    return [
+        check_backward(lambda: softmax_cross_entropy(logits, targets, w)[0], logits,
+                       softmax_cross_entropy(logits, targets, w)[1], "softmax_cross_entropy: logits"),
+        check_backward(lambda: sigmoid_cross_entropy(z, y, wz)[0], z, sigmoid_cross_entropy(z, y, wz)[1],
+                       "sigmoid_cross_entropy: logits"),
+    ]
+
+
+def _model_rows(rng):
+    """The whole ELECTRA model (generator + discriminator, 2 layers, dropout on): every parameter."""
+    from minielectra import electra
+    from minielectra.config import ElectraConfig
+
+    config = ElectraConfig(vocab_size=23, embedding_size=6, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=12, generator_hidden_size=4, generator_num_attention_heads=1,
+                           generator_intermediate_size=8, max_position_embeddings=16, mask_prob=0.3)
+    params = electra.init_model(config, np.random.default_rng(0), np.float64)
+    for k in params:
+        params[k] += rng.standard_normal(params[k].shape) * 0.3
+    ids = rng.integers(5, 23, (3, 9))
+    ids[:, 0], ids[:, -1] = config.cls_token_id, config.sep_token_id
+    mask = np.ones_like(ids)
+    ids[2, 6:], mask[2, 6:] = config.pad_token_id, 0
+    out = electra.forward(params, (ids, mask), config, np.random.default_rng(7))
+    grads = electra.backward(out, params, config)
+
+    def loss():
+        return electra.forward(params, (ids, mask), config, np.random.default_rng(7), samples=out.samples).losses["loss"]
+
+    return [check_backward(loss, params[k], grads[k], f"electra: {k}", rng) for k in sorted(params)]
+
+
+def run_report(print_fn=print):
+    """Gradient-check every op, the losses and the whole ELECTRA model; print the table; True if all pass."""
+    rng = np.random.default_rng(0)
+    rows = _op_rows(rng) + _loss_rows(rng) + _model_rows(rng)
+    print_fn(format_table(rows, title="float64 centred differences, h = 1e-5, tolerance 1e-6 (relative)"))
+    failed = [r.name for r in rows if not r.ok]
+    print_fn(f"{len(rows) - len(failed)} of {len(rows)} gradients pass" + (f"; FAILED: {', '.join(failed)}" if failed
+                                                                           else ""))
+    return not failed

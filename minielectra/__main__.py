@@ -1,0 +1,5 @@
+import sys
+
+from minielectra.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""The `minielectra` command (also `python -m minielectra`): pretrain, gradcheck, bench.
+
+Every command takes --backend (numpy | numba | cupy | auto; default $MINIELECTRA_BACKEND or numpy) and prints the
+active backend first. Errors the user can fix (a bad config, a missing file, a corrupted checkpoint) are printed as
+one line and exit with status 2, never as a traceback.
+"""
+
+import argparse
+import sys
+
+from minielectra import backend, config as cfgmod
+
+# Shortcut flags for the training fields people change most; any other field goes through --set NAME=VALUE.
+_TRAIN_FLAGS = {"steps": int, "batch": ("batch_size", int), "seq": ("seq_len", int), "lr": ("learning_rate", float),
+                "warmup": ("warmup_steps", int), "seed": int, "log_every": int, "checkpoint_every": int}
+
+
+def _add_backend(p):
+    p.add_argument("--backend", choices=backend.BACKENDS, default=None,
+                   help="array backend: numpy reference, numba CPU kernels, cupy GPU kernels, or auto")
+
+
+def _configs(args):
+    """(ElectraConfig, TrainConfig) from --config (a preset name or a JSON file), then --set and the shortcut flags."""
+    if args.config.endswith(".json"):
+        try:
+            text = open(args.config, encoding="utf-8").read()
+        except OSError as e:
+            raise cfgmod.ConfigError(f"cannot read config file {args.config}: {e.strerror}") from None
+        model, train = cfgmod.from_json(text)
+    else:
+        model, train = cfgmod.preset(args.config)
+    model_values, train_values = {}, {}
+    model_fields = {f for f in cfgmod.ElectraConfig.__dataclass_fields__}
+    train_fields = {f for f in cfgmod.TrainConfig.__dataclass_fields__}
+    for item in args.set or []:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise cfgmod.ConfigError(f"--set takes NAME=VALUE, got {item!r}")
+        if name in model_fields:
+            model_values[name] = value
+        elif name in train_fields:
+            train_values[name] = value
+        else:
+            raise cfgmod.ConfigError(f"--set {name}: no such config field; model fields: {', '.join(sorted(model_fields))}; "
+                                     f"training fields: {', '.join(sorted(train_fields))}")
+    for flag, spec in _TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            field = spec[0] if isinstance(spec, tuple) else flag
+            train_values[field] = value
+    model = cfgmod.override(model, model_values)
+    train = cfgmod.override(train, train_values)
+    return model.validate(), train.validate(model)
+
+
+def _add_config_flags(p):
+    p.add_argument("--config", default="tiny", help="preset (tiny, small) or a JSON file from config.to_json")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override any config field (repeatable)")
+    for flag, spec in _TRAIN_FLAGS.items():
+        kind = spec[1] if isinstance(spec, tuple) else spec
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None)
+
+
+def cmd_pretrain(args):
+    from minielectra import train
+
+    model, tc = _configs(args)
+    summary = train.pretrain(args.out, corpus=args.corpus, model=model, train=tc, resume=args.resume,
+                             vocab_path=args.vocab, stop_after=args.stop_after)
+    print(train.summary_line(summary))
+    return 0
+
+
+def cmd_gradcheck(args):
+    from minielectra.gradcheck import run_report
+
+    return 0 if run_report() else 1
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minielectra", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train ELECTRA (generator + discriminator) on a corpus")
+    p.add_argument("--corpus", default=None,
+                   help="UTF-8 text file or folder of .txt files; default: the Python standard library's docstrings")
+    p.add_argument("--out", default="runs/pretrain", help="run folder for checkpoints, metrics and the plot")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--vocab", default=None, help="an existing vocab.txt (BERT format) instead of training one")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    _add_config_flags(p)
+    _add_backend(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("gradcheck", help="gradient-check every op and block; exit 0 only if all pass")
+    _add_backend(p)
+    p.set_defaults(func=cmd_gradcheck)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from minielectra.checkpoint import CheckpointError
+    from minielectra.data import DataError
+    from minielectra.train import TrainingError
+
+    try:
+        name = backend.set_backend(args.backend)
+        print(f"backend: {name}" + (f" (kernels: {', '.join(backend.kernel_names())})" if name != "numpy" else ""),
+              flush=True)
+        return args.func(args)
+    except (cfgmod.ConfigError, DataError, CheckpointError, TrainingError, ImportError, FileNotFoundError) as e:
+        print(f"minielectra {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

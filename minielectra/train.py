@@ -1,0 +1,251 @@
+"""The pre-training loop: data in, checkpoints, metrics and a plot out; resumable to the bit.
+
+A run folder holds:
+    checkpoint.safetensors   params, AdamW state, step, config, vocab, RNG and data-order state (atomic writes)
+    config.json              the configs the run used, next to the checkpoint
+    vocab.txt                the WordPiece vocabulary, in BERT's format
+    metrics.jsonl            one JSON object per logged step, and one per evaluation
+    curves.png               loss and accuracy curves, drawn at the end
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minielectra import checkpoint as ckpt
+from minielectra import config as cfgmod
+from minielectra import data as datamod
+from minielectra import electra
+from minielectra.optim import adamw_init, adamw_step, clip_scale, learning_rate
+from minielectra.tokenizer import WordPieceTokenizer, train_wordpiece
+
+CHECKPOINT = "checkpoint.safetensors"
+EVAL_BATCHES = 8  # held-out batches per evaluation: enough for a stable number, cheap next to training
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); the last good checkpoint is kept."""
+
+
+def _log(msg):
+    tqdm.write(msg)
+
+
+def get_tokenizer(docs, vocab_size, vocab_path=None, cache_dir=None):
+    """The tokenizer for a run: read from vocab_path, or trained on docs (and cached by corpus and size)."""
+    if vocab_path is not None:
+        return WordPieceTokenizer.load(vocab_path)
+    h = hashlib.sha256(f"wordpiece-{vocab_size}\n".encode())
+    for doc in docs:
+        h.update(doc.encode("utf-8"))
+        h.update(b"\0")
+    cached = Path(cache_dir or datamod.default_cache_dir()) / f"vocab-{h.hexdigest()[:32]}.txt"
+    if cached.exists():
+        return WordPieceTokenizer.load(cached)
+    t0 = time.perf_counter()
+    tok = train_wordpiece(docs, vocab_size)
+    _log(f"trained a WordPiece vocab of {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f} s")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(cached)
+    return tok
+
+
+def with_tokenizer(model, tok):
+    """The model config with the vocab size and special-token ids of `tok` (a small corpus may give a smaller vocab)."""
+    return dataclasses.replace(model, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, cls_token_id=tok.cls_id,
+                               sep_token_id=tok.sep_id, mask_token_id=tok.mask_id)
+
+
+def evaluate(params, input_ids, attention_mask, model, batch_size, seed=0):
+    """Mean losses and metrics over up to EVAL_BATCHES held-out batches, dropout off, fixed masking seed."""
+    rng = np.random.default_rng(seed)
+    n = min(len(input_ids) // batch_size, EVAL_BATCHES) or 1
+    totals = {}
+    for i in range(n):
+        rows = slice(i * batch_size, (i + 1) * batch_size)
+        out = electra.forward(params, (input_ids[rows], attention_mask[rows]), model, rng, train=False)
+        for k, v in {**out.losses, **out.metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v / n
+    return totals
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop after the current step (the params are never half-updated);
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _log("Ctrl-C: saving a checkpoint after this step (press again to abort without saving)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_path=None, stop_after=None,
+             cache_dir=None, progress=True):
+    """Pre-train ELECTRA into out_dir and return a summary dict.
+
+    corpus: a text file, a folder of .txt files, or None for the built-in corpus. model/train: the configs (the
+    'tiny' preset when None). resume: continue from out_dir's checkpoint (its configs win; `train.steps` may be
+    raised). stop_after: stop (with a checkpoint) after this many steps of this call, as a Ctrl-C would.
+    """
+    out = Path(out_dir)
+    path = out / CHECKPOINT
+    if resume:
+        if not path.exists():
+            raise ckpt.CheckpointError(f"--resume: there is no {path}; start without --resume")
+        saved = ckpt.load_checkpoint(path)
+        model, saved_train = cfgmod.from_json(saved.config_json)
+        train = dataclasses.replace(saved_train, steps=train.steps if train is not None else saved_train.steps)
+        tok = WordPieceTokenizer(saved.vocab)
+    else:
+        base_model, base_train = cfgmod.preset("tiny")
+        model, train = model or base_model, train or base_train
+    model.validate()
+    train.validate(model)
+
+    t0 = time.perf_counter()
+    docs = datamod.load_corpus(corpus)
+    if not resume:
+        tok = get_tokenizer(docs, model.vocab_size, vocab_path, cache_dir)
+        model = with_tokenizer(model, tok).validate()
+    ids = datamod.tokenize_corpus(docs, tok, cache_dir=cache_dir)
+    input_ids, attention_mask = datamod.pack_sequences(ids, train.seq_len, tok.cls_id, tok.sep_id, tok.pad_id)
+    (tr_ids, tr_mask), (ev_ids, ev_mask) = datamod.split_train_eval(input_ids, attention_mask, train.eval_fraction,
+                                                                    train.seed)
+    batches = datamod.Batches(tr_ids, tr_mask, train.batch_size, np.random.default_rng(train.seed + 1))
+    _log(f"corpus: {len(docs)} documents, {sum(len(i) for i in ids):,} tokens -> {len(tr_ids)} training and "
+         f"{len(ev_ids)} held-out sequences of {train.seq_len} ({time.perf_counter() - t0:.1f} s)")
+
+    if resume:
+        params, state, start = saved.params, saved.opt_state, saved.step
+        rng = ckpt.restore_rng(saved.rng_state)
+        batches.load_state_dict(saved.extra["batches"])
+        _truncate_metrics(out / "metrics.jsonl", start)
+        _log(f"resumed {path} at step {start} of {train.steps}")
+    else:
+        params = electra.init_model(model, np.random.default_rng(train.seed))
+        state, start = adamw_init(params), 0
+        rng = np.random.default_rng(train.seed + 2)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    tok.save(out / "vocab.txt")
+    (out / "config.json").write_text(cfgmod.to_json(model, train))
+    disc = sum(int(np.prod(v.shape)) for k, v in params.items() if k.startswith(electra.DISC))
+    _log(f"model: discriminator {disc / 1e6:.2f} M parameters, generator + discriminator "
+         f"{electra.count_params(params) / 1e6:.2f} M; steps {start} -> {train.steps}, batch {train.batch_size} x "
+         f"{train.seq_len}")
+
+    def save(step):
+        ckpt.save_checkpoint(path, params, state, step, cfgmod.to_json(model, train), rng, vocab=tok.vocab,
+                             extra={"batches": batches.state_dict()})
+
+    end = train.steps if stop_after is None else min(train.steps, start + stop_after)
+    first = last = None
+    tokens = 0
+    t_start = time.perf_counter()
+    bar = tqdm(total=end - start, initial=0, disable=not progress, dynamic_ncols=True, unit="step")
+    with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as log:
+        step = start
+        while step < end and not stop.requested:
+            batch = next(batches)
+            losses, metrics, grads = electra.loss_and_grads(params, batch, model, rng, train=True)
+            norm, scale = clip_scale(grads, train.max_grad_norm)
+            if not (math.isfinite(losses["loss"]) and math.isfinite(norm)):
+                raise TrainingError(
+                    f"step {step}: the loss is {losses['loss']} and the gradient norm {norm}; training has diverged. "
+                    f"The last good checkpoint is kept in {path}: lower --lr or raise warmup_steps and resume or "
+                    "restart")
+            lr = learning_rate(step, train)
+            adamw_step(params, grads, state, lr, train, grad_scale=scale)
+            step += 1
+            tokens += batch[0].size
+            tok_s = tokens / (time.perf_counter() - t_start)
+            record = {"step": step, **losses, **metrics, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s}
+            first = first or record
+            last = record
+            if step % train.log_every == 0 or step == end:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix_str(f"loss {losses['loss']:.3f} mlm {losses['mlm_loss']:.3f} rtd {losses['rtd_loss']:.3f} "
+                                f"gen {metrics['gen_acc']:.2f} disc {metrics['disc_acc']:.2f} {tok_s:,.0f} tok/s")
+            bar.update(1)
+            if step % train.checkpoint_every == 0 or step == end or stop.requested:
+                ev = evaluate(params, ev_ids, ev_mask, model, train.batch_size) if len(ev_ids) else {}
+                if ev:
+                    log.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in ev.items()}}) + "\n")
+                    log.flush()
+                save(step)
+    bar.close()
+    summary = {"out": str(out), "step": step, "steps": train.steps, "finished": step >= train.steps,
+               "first": first, "last": last, "checkpoint": str(path)}
+    if last is not None:
+        summary["plot"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png"))
+    return summary
+
+
+def _truncate_metrics(path, step):
+    """Drop metric lines after the checkpoint's step: a resumed run logs them again."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_curves(metrics_path, png_path):
+    """Loss curves (total, MLM, RTD) and accuracies (generator, discriminator), training and held-out, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, keys, title in ((axes[0], ("loss",), "loss = mlm + 50 rtd"), (axes[1], ("mlm_loss", "rtd_loss"), "losses"),
+                            (axes[2], ("gen_acc", "disc_acc"), "accuracy")):
+        for k in keys:
+            ax.plot([r["step"] for r in train_rows], [r[k] for r in train_rows], label=f"train {k}")
+            if eval_rows:
+                ax.plot([r["step"] for r in eval_rows], [r[f"eval_{k}"] for r in eval_rows], "o--", label=f"held-out {k}")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def summary_line(s):
+    """One line on what was learned, from pretrain's summary."""
+    f, l = s["first"], s["last"]
+    if l is None:
+        return f"nothing to do: {s['out']} is already at step {s['step']} of {s['steps']}"
+    state = "finished" if s["finished"] else f"stopped at step {s['step']} of {s['steps']} (resume with --resume)"
+    return (f"{state}: loss {f['loss']:.2f} -> {l['loss']:.2f} (mlm {f['mlm_loss']:.2f} -> {l['mlm_loss']:.2f}, "
+            f"rtd {f['rtd_loss']:.3f} -> {l['rtd_loss']:.3f}); generator accuracy {100 * l['gen_acc']:.1f} %, "
+            f"discriminator accuracy {100 * l['disc_acc']:.1f} % (replaced-token precision "
+            f"{100 * l['disc_precision']:.1f} %, recall {100 * l['disc_recall']:.1f} %); "
+            f"{l['tokens_per_s']:,.0f} tokens/s; checkpoint {s['checkpoint']}, plot {s.get('plot')}")
