@@ -1,6 +1,7 @@
 """Corpora to training batches: read text, split it into documents, tokenise (cached), pack, shuffle, batch.
 
     load_corpus(path)  ->  documents (list of str)
+    train_or_load_tokenizer(documents, vocab_size)  ->  WordPieceTokenizer, cached on disk
     tokenize_corpus(documents, tokenizer)  ->  one id array per document, cached on disk
     pack_sequences(ids, seq_len, ...)  ->  input_ids, attention_mask  (N, seq_len)
     split_train_eval(...)  ->  train and eval sequences
@@ -22,6 +23,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .tokenizer import WordPieceTokenizer, train_wordpiece
 
 
 class DataError(ValueError):
@@ -47,7 +50,7 @@ def split_documents(text):
 
 
 def read_documents(path):
-    """The documents of one UTF-8 text file. A byte-order mark is ignored; anything else that is not UTF-8 is an error."""
+    """The documents of one UTF-8 text file. A byte-order mark is skipped; bytes that are not UTF-8 are an error."""
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -76,7 +79,7 @@ def _read_folder(folder):
 
 
 def load_corpus(path=None):
-    """Documents of a corpus: a .txt file, a folder of .txt files (recursive), or None / 'builtin' for the built-in one."""
+    """Documents of a corpus: a text file, a folder of .txt files (recursive), or None / 'builtin' for the built-in."""
     if path is None or path == "builtin":
         return builtin_corpus()
     path = Path(path)
@@ -185,14 +188,41 @@ def default_cache_dir():
     return Path(base) / "minielectra"
 
 
-def _corpus_key(docs, tokenizer):
-    h = hashlib.sha256(f"minielectra-tokens-{_CACHE_FORMAT}\n".encode())
-    h.update("\n".join(tokenizer.vocab).encode("utf-8"))
+def _corpus_key(kind, docs, *settings):
+    """A hex digest naming a cache file: what it holds (`kind`), its settings, and every document's text."""
+    h = hashlib.sha256(f"minielectra-{kind}-{_CACHE_FORMAT}\n".encode())
+    for setting in settings:
+        data = str(setting).encode("utf-8")
+        h.update(len(data).to_bytes(8, "little") + data)
     for doc in docs:
         data = doc.encode("utf-8")
         h.update(len(data).to_bytes(8, "little"))  # the length keeps ["ab", "c"] and ["a", "bc"] apart
         h.update(data)
     return h.hexdigest()[:32]
+
+
+def _cache_path(cache_dir, name):
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / name
+
+
+def _warn_unwritable(path, error):
+    warnings.warn(f"could not write the cache file {path} ({error}); continuing without it", DataWarning,
+                  stacklevel=3)
+
+
+def train_or_load_tokenizer(docs, vocab_size, cache_dir=None, min_frequency=2):
+    """train_wordpiece(docs, vocab_size, min_frequency), saved as a vocab.txt in the cache and reused next time."""
+    docs = list(docs)
+    path = _cache_path(cache_dir, f"vocab-{_corpus_key('vocab', docs, vocab_size, min_frequency)}.txt")
+    if path.exists():
+        return WordPieceTokenizer.load(path)
+    tokenizer = train_wordpiece(docs, vocab_size, min_frequency)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+    except OSError as e:
+        _warn_unwritable(path, e)
+    return tokenizer
 
 
 def tokenize_corpus(docs, tokenizer, cache_dir=None, use_cache=True):
@@ -203,8 +233,7 @@ def tokenize_corpus(docs, tokenizer, cache_dir=None, use_cache=True):
     docs = list(docs)
     path = None
     if use_cache:
-        path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / \
-            f"tokens-{_corpus_key(docs, tokenizer)}.npz"
+        path = _cache_path(cache_dir, f"tokens-{_corpus_key('tokens', docs, *tokenizer.vocab)}.npz")
         if path.exists():
             with np.load(path, allow_pickle=False) as f:
                 ids, offsets = f["ids"], f["offsets"]
@@ -221,8 +250,7 @@ def tokenize_corpus(docs, tokenizer, cache_dir=None, use_cache=True):
             np.savez(tmp, ids=ids, offsets=offsets)
             os.replace(tmp, path)  # atomic, so a crash never leaves a half-written cache that a later run trusts
         except OSError as e:
-            warnings.warn(f"could not write the token cache {path} ({e}); continuing without it", DataWarning,
-                          stacklevel=2)
+            _warn_unwritable(path, e)
     return np.split(ids, offsets[1:-1])
 
 
@@ -262,7 +290,7 @@ def pack_sequences(docs_ids, seq_len, cls_id, sep_id, pad_id):
 
 
 def build_dataset(corpus_path, tokenizer, seq_len, cache_dir=None):
-    """load_corpus -> tokenize_corpus -> pack_sequences with the tokenizer's special ids: (input_ids, attention_mask)."""
+    """load_corpus -> tokenize_corpus -> pack_sequences with the tokenizer's special ids: input_ids, attention_mask."""
     ids = tokenize_corpus(load_corpus(corpus_path), tokenizer, cache_dir=cache_dir)
     return pack_sequences(ids, seq_len, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
 

@@ -136,7 +136,8 @@ class WordPieceTokenizer:
         if missing:
             raise ValueError(f"the vocab lacks the special token(s) {' '.join(missing)}: ELECTRA needs all of "
                              f"{' '.join(SPECIAL_TOKENS)}; add them (train_wordpiece puts them at ids 0-4)")
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self._token_to_id[t] for t in SPECIAL_TOKENS)
+        ids = (self._token_to_id[t] for t in SPECIAL_TOKENS)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
         # No vocabulary piece is longer than this, so the greedy search need not try longer substrings.
         self._max_piece_chars = max(len(t) for t in self._id_to_token)
         self._word_cache = {}  # word -> tuple of ids; a corpus has far fewer distinct words than words

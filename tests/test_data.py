@@ -6,7 +6,7 @@ import pytest
 
 from minielectra import data
 from minielectra.data import (Batches, DataError, DataWarning, build_dataset, load_corpus, pack_sequences,
-                              split_documents, split_train_eval, tokenize_corpus)
+                              split_documents, split_train_eval, tokenize_corpus, train_or_load_tokenizer)
 from minielectra.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
 CLS, SEP, PAD = 2, 3, 0
@@ -121,6 +121,24 @@ def test_tokenize_corpus_without_cache_writes_nothing(tok, tmp_path, monkeypatch
     assert not (tmp_path / "cache").exists()
     tokenize_corpus(["the cat"], tok)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+
+def test_unwritable_cache_warns_and_carries_on(tok, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.warns(DataWarning, match="could not write the cache"):
+        ids = tokenize_corpus(["the cat"], tok, cache_dir=blocker / "cache")
+    assert [a.tolist() for a in ids] == [tok.encode("the cat")]
+
+
+def test_train_or_load_tokenizer_caches_the_vocab(tmp_path, monkeypatch):
+    docs = ["the cat sat on the mat", "the dog sat on the cat"] * 3
+    first = train_or_load_tokenizer(docs, 60, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("vocab-*.txt"))) == 1
+    monkeypatch.setattr(data, "train_wordpiece", lambda *a: pytest.fail("trained again despite the cache"))
+    assert train_or_load_tokenizer(docs, 60, cache_dir=tmp_path).vocab == first.vocab
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        train_or_load_tokenizer(docs, 61, cache_dir=tmp_path)
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

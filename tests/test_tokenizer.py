@@ -80,7 +80,8 @@ def test_pre_tokenize_matches_bert_reference(text):
     assert pre_tokenize(text) == reference_basic_tokenize(text)
 
 
-@pytest.mark.parametrize("text", ["ΟΔΟΣ\x01Β ΟΔΟΣ", "İSTANBUL", "a\x1cb\x85c\u2028d\u2029e", "ﬁ ﬀ ²", "\uf900\U0002f800x",
+@pytest.mark.parametrize("text", ["ΟΔΟΣ\x01Β ΟΔΟΣ", "İSTANBUL", "a\x1cb\x85c\u2028d\u2029e", "ﬁ ﬀ ²",
+                                  "\uf900\U0002f800x",
                                   "e\u0301\u0327 \u0301", "a\u00adb", "¿qué? «oui» — “no”"])
 def test_pre_tokenize_tricky_cases_match_bert_reference(text):
     assert pre_tokenize(text) == reference_basic_tokenize(text)
