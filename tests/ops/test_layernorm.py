@@ -1,0 +1,153 @@
+"""Layer norm over the last axis: normalised statistics, closed form, grads, +-1000, constant rows, eps."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minielectra.gradcheck import check_op, format_table
+from minielectra.ops.layernorm import LAYER_NORM_EPS, layernorm_backward, layernorm_forward
+
+
+def assert_rows_ok(rows):
+    """Every row ok with rel error <= 1e-6; a gradient that is zero in theory (e.g. gelu' at x = -30 is 1e-114, the
+    finite difference exactly 0: rel error 1) may pass on an absolute difference below 1e-9 instead."""
+    for r in rows:
+        assert r.ok and (r.rel_error <= 1e-6 or r.max_abs_diff <= 1e-9), format_table(rows)
+
+
+SEEDS = st.integers(0, 2**32 - 1)
+LEAD = st.lists(st.integers(1, 3), min_size=0, max_size=2)
+# Not below 0.1: the third derivative grows like 1 / std^3, so at std 0.01 the centred difference with h = 1e-5 is
+# itself wrong by ~(h / std)^2 = 1e-6 (the test's limit, not the op's).
+SCALES = st.sampled_from([0.1, 1.0, 30.0, 1000.0])
+
+
+def _inputs(seed, lead, C, scale):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*lead, C)) * scale + rng.standard_normal() * scale  # rows with a nonzero mean too
+    gamma = 1.0 + 0.5 * rng.standard_normal(C)
+    beta = 0.5 * rng.standard_normal(C)
+    return x, gamma, beta
+
+
+def test_eps_is_bert_s():
+    assert LAYER_NORM_EPS == 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, lead=LEAD, C=st.integers(2, 9), scale=SCALES)
+def test_mean_zero_var_one_before_affine(seed, lead, C, scale):
+    x, _, _ = _inputs(seed, lead, C, scale)
+    y, cache = layernorm_forward(x, np.ones(C), np.zeros(C))
+    np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(y.var(-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(cache.xhat, y)
+
+
+def test_closed_form():
+    x = np.array([[1.0, 2.0, 3.0, 4.0]])
+    gamma = np.array([1.0, 2.0, -1.0, 0.5])
+    beta = np.array([0.0, 1.0, 0.0, -1.0])
+    y, cache = layernorm_forward(x, gamma, beta)
+    xhat = np.array([-1.5, -0.5, 0.5, 1.5]) / np.sqrt(1.25 + 1e-12)  # mean 2.5, biased variance 1.25
+    np.testing.assert_allclose(cache.xhat, [xhat], rtol=1e-15)
+    np.testing.assert_allclose(y, [xhat * gamma + beta], rtol=1e-15)
+    np.testing.assert_allclose(cache.rstd, [[1 / np.sqrt(1.25)]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_plus_minus_1000(dtype):
+    x = np.array([[1000.0, -1000.0, 1000.0, -1000.0], [1000.0, 1000.0, 1000.0, -1000.0]], dtype=dtype)
+    C = 4
+    y, cache = layernorm_forward(x, np.ones(C, dtype), np.zeros(C, dtype))
+    # row 2: mean 500, deviations (500, 500, 500, -1500), std 866.0254..: xhat = (1, 1, 1, -3) / sqrt(3)
+    expected = np.array([[1.0, -1.0, 1.0, -1.0], np.array([1.0, 1.0, 1.0, -3.0]) / np.sqrt(3.0)])
+    np.testing.assert_allclose(y, expected, rtol=1e-6 if dtype == np.float32 else 1e-14)
+    dx, dgamma, dbeta = layernorm_backward(np.ones_like(x) * np.arange(4, dtype=dtype), cache)
+    for g in (dx, dgamma, dbeta):
+        assert np.isfinite(g).all() and g.dtype == dtype
+
+
+@pytest.mark.parametrize("value", [0.0, 3.0, 1000.0, -1000.0])
+def test_constant_row_gives_beta_and_finite_grads(value):
+    x = np.full((2, 4), value)
+    x[1] = np.array([1.0, 2.0, 3.0, 5.0])
+    beta = np.array([0.1, -0.2, 0.3, 0.0])
+    y, cache = layernorm_forward(x, np.array([2.0, 1.0, -1.0, 3.0]), beta)
+    np.testing.assert_array_equal(y[0], beta)  # xhat = 0 exactly: these values average exactly
+    dx, dgamma, dbeta = layernorm_backward(np.random.default_rng(0).standard_normal((2, 4)), cache)
+    assert all(np.isfinite(g).all() for g in (dx, dgamma, dbeta))
+
+
+def test_constant_row_with_an_inexact_mean_is_still_about_zero():
+    x = np.full((1, 3), 0.1)  # (0.1 + 0.1 + 0.1) / 3 != 0.1 in binary: x - mean ~ 1e-17, times rstd 1e6
+    y, cache = layernorm_forward(x, np.ones(3), np.zeros(3))
+    np.testing.assert_allclose(y, 0.0, atol=1e-9)
+    assert all(np.isfinite(g).all() for g in layernorm_backward(np.ones((1, 3)), cache))
+
+
+def test_eps_is_configurable_and_matters_for_small_variance():
+    x = np.array([[0.0, 1e-4]])  # variance 2.5e-9
+    C = 2
+    y12, _ = layernorm_forward(x, np.ones(C), np.zeros(C))
+    y3, _ = layernorm_forward(x, np.ones(C), np.zeros(C), eps=1e-3)
+    np.testing.assert_allclose(y12, [[-1.0, 1.0]], rtol=1e-3)
+    np.testing.assert_allclose(y3, [[-5e-5, 5e-5]] / np.sqrt(2.5e-9 + 1e-3), rtol=1e-12)
+    assert abs(y3[0, 1]) < 2e-3
+    big = np.array([[0.0, 10.0]])  # variance 25: eps makes no visible difference
+    np.testing.assert_allclose(layernorm_forward(big, np.ones(C), np.zeros(C), eps=1e-3)[0], [[-1.0, 1.0]], rtol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=SEEDS, lead=LEAD, C=st.integers(3, 8), scale=SCALES)
+def test_grads_of_x_gamma_beta(seed, lead, C, scale):
+    x, gamma, beta = _inputs(seed, lead, C, scale)
+    rows = check_op(layernorm_forward, layernorm_backward, {"x": x, "gamma": gamma, "beta": beta},
+                    ["x", "gamma", "beta"])
+    assert_rows_ok(rows)
+
+
+def test_two_channels_normalise_to_plus_minus_one_whose_x_gradient_vanishes():
+    x = np.array([[3.0, 7.0], [-1000.0, 1000.0]])
+    y, cache = layernorm_forward(x, np.ones(2), np.zeros(2))
+    np.testing.assert_allclose(y, [[-1.0, 1.0], [-1.0, 1.0]], rtol=1e-12)
+    dx, _, _ = layernorm_backward(np.array([[1.0, 5.0], [-2.0, 0.5]]), cache)
+    np.testing.assert_allclose(dx, 0.0, atol=1e-12)
+
+
+def test_grads_directional_and_with_a_large_eps_on_a_constant_row():
+    x, gamma, beta = _inputs(1, (3, 4), 12, 1.0)  # 144 entries: directional
+    assert_rows_ok(check_op(layernorm_forward, layernorm_backward, {"x": x, "gamma": gamma, "beta": beta},
+                            ["x", "gamma", "beta"]))
+    # eps large enough to dominate: the constant row is a smooth point, so its gradient can be checked
+    x, gamma, beta = _inputs(2, (3,), 4, 1.0)
+    x[0] = 0.25
+    assert_rows_ok(check_op(layernorm_forward, layernorm_backward,
+                            {"x": x, "gamma": gamma, "beta": beta, "eps": 1e-2}, ["x", "gamma", "beta"]))
+
+
+def test_float32_in_float32_out():
+    x, gamma, beta = (a.astype(np.float32) for a in _inputs(3, (2, 3), 5, 1.0))
+    y, cache = layernorm_forward(x, gamma, beta)
+    assert y.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in layernorm_backward(np.ones_like(y), cache))
+    y64, _ = layernorm_forward(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64))
+    np.testing.assert_allclose(y, y64, rtol=1e-5, atol=1e-5)
+
+
+X, ONES, ZEROS = np.zeros((2, 3)), np.ones(3), np.zeros(3)
+
+
+@pytest.mark.parametrize("args, exc, name", [
+    ((X.astype(np.int64), ONES, ZEROS), TypeError, "x"),
+    ((X, ONES.astype(np.int64), ZEROS), TypeError, "gamma"),
+    ((X, ONES, ZEROS.astype(np.int64)), TypeError, "beta"),
+    ((X, np.ones(4), ZEROS), ValueError, "gamma"),
+    ((X, ONES, np.zeros((1, 3))), ValueError, "beta"),
+    ((X, np.array([1.0, np.nan, 1.0]), ZEROS), ValueError, "gamma"),
+    ((X, ONES, np.array([0.0, 0.0, -np.inf])), ValueError, "beta"),
+])
+def test_bad_input_names_the_argument(args, exc, name):
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        layernorm_forward(*args)
