@@ -91,8 +91,11 @@ def clip_scale(grads, max_norm):
     the caller must check math.isfinite(global_norm) and decide (the trainer stops with a message).
     """
     # Sum on the device and transfer once at the end: float() per tensor would synchronise a GPU once per parameter.
+    # Sorted keys: a float sum depends on its order, and a resumed run's dict (read from a checkpoint) may be ordered
+    # differently from a fresh one's; the same order keeps a resumed run bit-identical.
     total = 0.0
-    for g in grads.values():
+    for k in sorted(grads):
+        g = grads[k]
         xp = get_xp(g)
         total = total + xp.sum(xp.square(g.astype(xp.float64)))
     norm = math.sqrt(float(total))

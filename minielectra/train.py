@@ -9,7 +9,6 @@ A run folder holds:
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import signal
@@ -24,7 +23,7 @@ from minielectra import config as cfgmod
 from minielectra import data as datamod
 from minielectra import electra
 from minielectra.optim import adamw_init, adamw_step, clip_scale, learning_rate
-from minielectra.tokenizer import WordPieceTokenizer, train_wordpiece
+from minielectra.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.safetensors"
 EVAL_BATCHES = 8  # held-out batches per evaluation: enough for a stable number, cheap next to training
@@ -36,25 +35,6 @@ class TrainingError(RuntimeError):
 
 def _log(msg):
     tqdm.write(msg)
-
-
-def get_tokenizer(docs, vocab_size, vocab_path=None, cache_dir=None):
-    """The tokenizer for a run: read from vocab_path, or trained on docs (and cached by corpus and size)."""
-    if vocab_path is not None:
-        return WordPieceTokenizer.load(vocab_path)
-    h = hashlib.sha256(f"wordpiece-{vocab_size}\n".encode())
-    for doc in docs:
-        h.update(doc.encode("utf-8"))
-        h.update(b"\0")
-    cached = Path(cache_dir or datamod.default_cache_dir()) / f"vocab-{h.hexdigest()[:32]}.txt"
-    if cached.exists():
-        return WordPieceTokenizer.load(cached)
-    t0 = time.perf_counter()
-    tok = train_wordpiece(docs, vocab_size)
-    _log(f"trained a WordPiece vocab of {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f} s")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(cached)
-    return tok
 
 
 def with_tokenizer(model, tok):
@@ -123,7 +103,12 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
     t0 = time.perf_counter()
     docs = datamod.load_corpus(corpus)
     if not resume:
-        tok = get_tokenizer(docs, model.vocab_size, vocab_path, cache_dir)
+        if vocab_path is not None:
+            tok = WordPieceTokenizer.load(vocab_path)
+        else:
+            t1 = time.perf_counter()
+            tok = datamod.train_or_load_tokenizer(docs, model.vocab_size, cache_dir)
+            _log(f"WordPiece vocab of {tok.vocab_size} tokens ({time.perf_counter() - t1:.1f} s, cached)")
         model = with_tokenizer(model, tok).validate()
     ids = datamod.tokenize_corpus(docs, tok, cache_dir=cache_dir)
     input_ids, attention_mask = datamod.pack_sequences(ids, train.seq_len, tok.cls_id, tok.sep_id, tok.pad_id)
