@@ -1,0 +1,62 @@
+"""Shared pieces of the Numba kernel tests: the tolerance, array drawing, and the hypothesis settings.
+
+Tolerance (one rule for every kernel): elementwise
+    |got - ref| <= k * eps(dtype) * (|ref| + floor)
+i.e. a relative error of k ulps, plus k ulps of an absolute floor. The floor is there because kernel and reference
+sum in different orders (sequential loops vs NumPy's pairwise sums and BLAS), and a sum that cancels to near zero
+carries the rounding error of its large terms, not of its small result. By default the floor is max|ref|, the array's
+largest entry. Where a result is a chain of sums that can cancel completely (attention's backward at +-1000 inputs),
+the test passes the floor explicitly as the magnitude of the terms: the same formula evaluated on absolute values
+(e.g. |A| @ |B| for A @ B), the classic running error bound without its factor n. k = 8; the errors seen are below
+3 ulps. eps is float32's 1.2e-7 or float64's 2.2e-16, so float64 runs are held to float64 precision.
+
+This directory has no __init__.py on purpose: as a package it would be named `kernels` (tests/ itself is not a
+package) and shadow the project's `kernels` package. pytest's default import mode puts this folder on sys.path, which is
+how the test modules import this helper.
+"""
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+K_ULPS = 8
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+SEEDS = st.integers(0, 2**32 - 1)
+MAGNITUDES = st.sampled_from([1.0, 1000.0])
+
+# The first example of each dtype compiles (or loads from cache) the kernel, so no per-example deadline.
+KERNEL_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_close(got, ref, k=K_ULPS, name="output", floor=None):
+    """got matches ref in shape and dtype, and elementwise within k ulps of |ref| + floor (default max|ref|)."""
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != reference {ref.shape}"
+    assert got.dtype == ref.dtype, f"{name}: dtype {got.dtype} != reference {ref.dtype}"
+    assert np.all(np.isfinite(got) == np.isfinite(ref)), f"{name}: non-finite entries differ"
+    if ref.size == 0:
+        return
+    eps = np.finfo(ref.dtype).eps
+    r = ref.astype(np.float64)
+    err = np.abs(got.astype(np.float64) - r)
+    floor = np.abs(r).max() if floor is None else np.asarray(floor, np.float64)
+    bound = k * eps * (np.abs(r) + floor)
+    worst = np.argmax(err - bound)
+    assert np.all(err <= bound), (
+        f"{name}: |got - ref| = {err.flat[worst]:.3e} > {bound.flat[worst]:.3e} at flat index {worst} "
+        f"(got {got.flat[worst]!r}, ref {ref.flat[worst]!r})")
+
+
+def noncontiguous(a, how):
+    """The same values as `a`, as a non-contiguous view: 'T' a transposed copy transposed back, 'S' a strided slice."""
+    if how == "T":
+        return np.ascontiguousarray(a.T).T
+    if how == "S":
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        big[..., ::2] = a
+        return big[..., ::2]
+    return a
+
+
+LAYOUTS = st.sampled_from(["C", "T", "S"])

@@ -1,0 +1,140 @@
+"""kernels/numba_cpu/attention.py against the reference minielectra.ops.attention (tolerance: numba_kernel_checks).
+
+Large inputs: q of magnitude 1000 with integer values and k in {-1, 0, 1} make scores of order 1e4 that every
+summation order computes exactly, so the test exercises the stable softmax (one-hot and tied rows at huge logits)
+rather than measuring how BLAS rounds a 1e6-sized dot product, which no tolerance in ulps of the output could absorb.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from minielectra.ops import attention as ref  # noqa: E402
+from kernels.numba_cpu import attention as ker  # noqa: E402
+from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, SEEDS, assert_close  # noqa: E402
+
+pytestmark = pytest.mark.numba
+
+DIMS = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 37), st.integers(1, 17))  # B, H, T, D
+
+
+def _inputs(seed, dims, dtype, big, heads_view):
+    """q, k, v, dout (B, H, T, D); heads_view makes them the (B, T, H, D) -> (B, H, T, D) transposed views
+    that mha_forward passes, i.e. non-contiguous."""
+    B, H, T, D = dims
+    rng = np.random.default_rng(seed)
+    shape = (B, T, H, D) if heads_view else (B, H, T, D)
+    if big:
+        q = np.round(rng.uniform(-1000, 1000, shape))
+        k = rng.integers(-1, 2, shape).astype(float)
+        v = rng.standard_normal(shape) * 1000
+        dout = rng.standard_normal(shape) * 1000
+    else:
+        q, k, v, dout = (rng.standard_normal(shape) for _ in range(4))
+    arrays = [a.astype(dtype) for a in (q, k, v, dout)]
+    if heads_view:
+        arrays = [a.transpose(0, 2, 1, 3) for a in arrays]
+    return arrays
+
+
+def _mask(seed, B, T, kind):
+    """None, or a (B, T) padding mask whose sequences have random lengths in [0, T]: length 0 is fully masked."""
+    if kind == "none":
+        return None
+    rng = np.random.default_rng(seed + 1)
+    lengths = rng.integers(0, T + 1, B)
+    if kind == "empty":
+        lengths[0] = 0
+    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
+    return mask
+
+
+def _term_magnitudes(q, k, v, dout, c_ref):
+    """For each output, the magnitude of the terms summed to make it (module docstring of numba_kernel_checks):
+    the reference's formulas on absolute values, in float64, including how rounding of the scores moves probs."""
+    Q, K, V, G = (np.abs(a.astype(np.float64)) for a in (q, k, v, dout))
+    P = c_ref.probs.astype(np.float64)
+    keep_scale = 1.0 if c_ref.dropout.scale is None else c_ref.dropout.scale.astype(np.float64)
+    S = (Q @ K.swapaxes(-1, -2)) * c_ref.scale  # |scores| terms
+    m_probs = P * (S + (P * S).sum(-1, keepdims=True))  # softmax of scores moved by ~eps * S
+    dropped = (P + m_probs) * keep_scale
+    m_dp = (G @ V.swapaxes(-1, -2)) * keep_scale  # dprobs
+    m_ds = (P + m_probs) * (m_dp + (P * m_dp).sum(-1, keepdims=True)) * c_ref.scale  # dscores
+    return {"probs": m_probs, "out": dropped @ V, "dv": dropped.swapaxes(-1, -2) @ G,
+            "dq": m_ds @ K, "dk": m_ds.swapaxes(-1, -2) @ Q}
+
+
+def _check(seed, dims, dtype, big, heads_view, mask_kind, p_drop):
+    q, k, v, dout = _inputs(seed, dims, dtype, big, heads_view)
+    mask = _mask(seed, dims[0], dims[2], mask_kind)
+    out_ref, c_ref = ref.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(seed))
+    out, c = ker.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(seed))
+    floor = _term_magnitudes(q, k, v, dout, c_ref)
+    assert_close(c.probs, c_ref.probs, name="probs", floor=floor["probs"])
+    assert_close(out, out_ref, name="out", floor=floor["out"])
+    for name, got, want in zip(("dq", "dk", "dv"), ker.attention_backward(dout, c), ref.attention_backward(dout, c_ref)):
+        assert_close(got, want, name=name, floor=floor[name])
+    return c, c_ref
+
+
+@KERNEL_SETTINGS
+@given(seed=SEEDS, dims=DIMS, dtype=DTYPES, big=st.booleans(), heads_view=st.booleans(),
+       mask_kind=st.sampled_from(["none", "lengths", "empty"]))
+def test_forward_and_backward_match_reference(seed, dims, dtype, big, heads_view, mask_kind):
+    _check(seed, dims, dtype, big, heads_view, mask_kind, 0.0)
+
+
+@KERNEL_SETTINGS
+@given(seed=SEEDS, dims=DIMS, dtype=DTYPES, big=st.booleans(), p_drop=st.sampled_from([0.1, 0.5, 0.9]))
+def test_dropout_matches_reference_with_the_same_seed(seed, dims, dtype, big, p_drop):
+    """Same seed -> the very same keep mask as the reference, the same outputs and gradients, the same rng state."""
+    c, c_ref = _check(seed, dims, dtype, big, True, "lengths", p_drop)
+    np.testing.assert_array_equal(c.keep, c_ref.dropout.scale != 0)
+    rng_ref, rng = np.random.default_rng(seed), np.random.default_rng(seed)
+    q, k, v, _ = _inputs(seed, dims, dtype, big, False)
+    ref.attention_forward(q, k, v, None, p_drop, rng_ref)
+    ker.attention_forward(q, k, v, None, p_drop, rng)
+    assert rng.random() == rng_ref.random()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fully_masked_sequence_gives_zero_weights_and_gradients(dtype):
+    q, k, v, dout = _inputs(3, (2, 2, 5, 4), dtype, False, False)
+    mask = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    out, c = ker.attention_forward(q, k, v, mask)
+    assert np.all(c.probs[1] == 0) and np.all(out[1] == 0)
+    np.testing.assert_allclose(c.probs[0].sum(-1), 1, rtol=10 * np.finfo(dtype).eps)
+    assert np.all(c.probs[0, :, :, 3:] == 0)
+    dq, dk, dv = ker.attention_backward(dout, c)
+    assert np.all(dq[1] == 0) and np.all(dk[1] == 0) and np.all(dv[1] == 0)
+    assert np.all(dk[0, :, 3:] == 0)  # a padded key gets no gradient
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_accepts_the_reference_cache(dtype):
+    q, k, v, dout = _inputs(5, (2, 3, 6, 4), dtype, False, True)
+    _, c_ref = ref.attention_forward(q, k, v)
+    for got, want in zip(ker.attention_backward(dout, c_ref), ref.attention_backward(dout, c_ref)):
+        assert_close(got, want)
+
+
+def test_rejects_what_the_reference_rejects():
+    q = np.zeros((1, 1, 3, 2), np.float32)
+    with pytest.raises(ValueError):
+        ker.attention_forward(q, q[:, :, :2], q)
+    with pytest.raises(ValueError):
+        ker.attention_forward(q[0], q[0], q[0])
+    with pytest.raises(TypeError):
+        ker.attention_forward(q.astype(np.int32), q, q)
+    with pytest.raises(ValueError):
+        ker.attention_forward(q, q, q, mask=np.ones((1, 4)))
+    with pytest.raises(ValueError):
+        ker.attention_forward(q, q, q, p_drop=1.0, rng=np.random.default_rng(0))
+    with pytest.raises(TypeError):
+        ker.attention_forward(q, q, q, p_drop=0.1, rng=None)
+    _, c = ker.attention_forward(q, q, q)
+    with pytest.raises(ValueError):
+        ker.attention_backward(np.zeros((1, 1, 3, 3), np.float32), c)

@@ -1,0 +1,78 @@
+"""kernels/numba_cpu/layernorm.py against the reference minielectra.ops.layernorm (tolerance: numba_kernel_checks)."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from minielectra.ops import layernorm as ref  # noqa: E402
+from kernels.numba_cpu import layernorm as ker  # noqa: E402
+from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close, noncontiguous  # noqa: E402
+
+pytestmark = pytest.mark.numba
+
+SHAPES = st.one_of(
+    st.tuples(st.integers(1, 40), st.integers(1, 70)),
+    st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 40)),
+)
+
+
+def _inputs(seed, shape, dtype, mag, layout):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * mag + rng.standard_normal(shape[:-1] + (1,)) * mag).astype(dtype)
+    gamma = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(dtype)
+    beta = (0.1 * rng.standard_normal(shape[-1])).astype(dtype)
+    dout = (rng.standard_normal(shape) * mag).astype(dtype)
+    return noncontiguous(x, layout), gamma, beta, noncontiguous(dout, layout)
+
+
+@KERNEL_SETTINGS
+@given(seed=SEEDS, shape=SHAPES, dtype=DTYPES, mag=MAGNITUDES, layout=LAYOUTS)
+def test_forward_and_backward_match_reference(seed, shape, dtype, mag, layout):
+    x, gamma, beta, dout = _inputs(seed, shape, dtype, mag, layout)
+    y_ref, c_ref = ref.layernorm_forward(x, gamma, beta)
+    y, c = ker.layernorm_forward(x, gamma, beta)
+    assert_close(y, y_ref, name="y")
+    assert_close(c.xhat, c_ref.xhat, name="xhat")
+    assert_close(c.rstd, c_ref.rstd, name="rstd")
+    for name, got, want in zip(("dx", "dgamma", "dbeta"), ker.layernorm_backward(dout, c),
+                               ref.layernorm_backward(dout, c_ref)):
+        assert_close(got, want, name=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_caches_interchange_with_reference(dtype):
+    """Kernel and reference share LayerNormCache, so either backward inverts either forward."""
+    x, gamma, beta, dout = _inputs(0, (6, 5, 24), dtype, 1.0, "C")
+    _, c_ref = ref.layernorm_forward(x, gamma, beta)
+    _, c = ker.layernorm_forward(x, gamma, beta)
+    want = ref.layernorm_backward(dout, c_ref)
+    for got in (ker.layernorm_backward(dout, c_ref), ref.layernorm_backward(dout, c)):
+        for g, w in zip(got, want):
+            assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_constant_row_and_custom_eps(dtype):
+    """A constant row has var = 0: xhat = 0 and the output is beta, with no NaN; eps is honoured."""
+    x = np.full((3, 8), 3.0, dtype)
+    gamma, beta = np.ones(8, dtype), np.arange(8, dtype=dtype)
+    y, c = ker.layernorm_forward(x, gamma, beta)
+    np.testing.assert_array_equal(y, np.broadcast_to(beta, (3, 8)))
+    y_ref, _ = ref.layernorm_forward(x + np.arange(8, dtype=dtype), gamma, beta, eps=0.5)
+    assert_close(ker.layernorm_forward(x + np.arange(8, dtype=dtype), gamma, beta, eps=0.5)[0], y_ref)
+
+
+def test_rejects_what_the_reference_rejects():
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(TypeError):
+        ker.layernorm_forward(x.astype(np.int64), np.ones(4), np.zeros(4))
+    with pytest.raises(ValueError):
+        ker.layernorm_forward(x, np.ones(3, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        ker.layernorm_forward(x, np.full(4, np.nan, np.float32), np.zeros(4, np.float32))
+    _, c = ker.layernorm_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        ker.layernorm_backward(np.zeros((3, 4), np.float32), c)
