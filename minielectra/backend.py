@@ -68,18 +68,31 @@ def active_backend():
     return _active if _active is not None else set_backend()
 
 
-# The ops a kernel may replace, by the reference module that defines them; kernel modules carry the same file names.
+# The ops a kernel may replace, by the reference module that defines them; a kernel module carries the reference
+# module's file name (kernels/numba_cpu/attention.py replaces minielectra/ops/attention.py).
 _OP_MODULES = {
-    "attention_forward": "attention",
-    "attention_backward": "attention",
-    "layernorm_forward": "layernorm",
-    "layernorm_backward": "layernorm",
-    "bias_gelu_forward": "activations",
-    "bias_gelu_backward": "activations",
-    "softmax_cross_entropy": "losses",
-    "sigmoid_cross_entropy": "losses",
-    "embedding_backward": "embedding",
+    "attention_forward": "minielectra.ops.attention",
+    "attention_backward": "minielectra.ops.attention",
+    "layernorm_forward": "minielectra.ops.layernorm",
+    "layernorm_backward": "minielectra.ops.layernorm",
+    "bias_gelu_forward": "minielectra.ops.activations",
+    "bias_gelu_backward": "minielectra.ops.activations",
+    "softmax_cross_entropy": "minielectra.ops.losses",
+    "sigmoid_cross_entropy": "minielectra.ops.losses",
+    "embedding_backward": "minielectra.ops.embedding",
+    "adamw_step": "minielectra.optim",
 }
+
+
+def _kernel_module(package, reference):
+    """The kernel module in `package` mirroring the reference module, or None when there is none."""
+    name = f"{package}.{reference.rsplit('.', 1)[1]}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None
 _kernel_cache = {}
 
 
@@ -88,20 +101,12 @@ def kernel_names():
     package = {"numba": "kernels.numba_cpu", "cupy": "kernels.cupy_gpu"}.get(active_backend())
     if package is None:
         return []
-    found = []
-    for op, module in _OP_MODULES.items():
-        try:
-            if hasattr(importlib.import_module(f"{package}.{module}"), op):
-                found.append(op)
-        except ModuleNotFoundError as e:
-            if e.name != f"{package}.{module}":
-                raise
-    return found
+    return [op for op, ref in _OP_MODULES.items() if hasattr(_kernel_module(package, ref), op)]
 
 
 def dispatch(op_name, *arrays):
     """The implementation of `op_name` to call on `arrays`: a kernel where the active backend has one, else the reference."""
-    module_name = _OP_MODULES[op_name]
+    reference = _OP_MODULES[op_name]
     xp = get_xp(*arrays)
     if xp is not np:
         package = "kernels.cupy_gpu"
@@ -111,14 +116,6 @@ def dispatch(op_name, *arrays):
         package = None
     key = (package, op_name)
     if key not in _kernel_cache:
-        fn = None
-        if package is not None:
-            try:
-                fn = getattr(importlib.import_module(f"{package}.{module_name}"), op_name, None)
-            except ModuleNotFoundError as e:
-                if e.name != f"{package}.{module_name}":
-                    raise
-        if fn is None:
-            fn = getattr(importlib.import_module(f"minielectra.ops.{module_name}"), op_name)
-        _kernel_cache[key] = fn
+        fn = getattr(_kernel_module(package, reference), op_name, None) if package else None
+        _kernel_cache[key] = fn or getattr(importlib.import_module(reference), op_name)
     return _kernel_cache[key]

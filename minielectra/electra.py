@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minielectra.backend import get_xp
+from minielectra.backend import dispatch, get_xp
 from minielectra.config import ElectraConfig
 from minielectra.nn import init_params, zeros_like
 from minielectra.nn.encoder import (EncoderDims, electra_encoder_backward, electra_encoder_forward, embeddings_shapes,
@@ -25,7 +25,6 @@ from minielectra.nn.encoder import (EncoderDims, electra_encoder_backward, elect
 from minielectra.nn.heads import (discriminator_head_backward, discriminator_head_forward, discriminator_head_shapes,
                                   generator_head_backward, generator_head_forward, generator_head_shapes)
 from minielectra.ops import checks
-from minielectra.ops.losses import sigmoid_cross_entropy, softmax_cross_entropy
 
 GEN = "generator"
 DISC = "discriminator"
@@ -165,7 +164,7 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
                                       train, gen_rng)  # (B, T, Cg)
     logits, gen_head = generator_head_forward(params, GEN, WORDS, gh.reshape(B * T, -1)[rows],
                                               config.layer_norm_eps)  # (N, V)
-    mlm_loss, dmlm = softmax_cross_entropy(logits, targets)
+    mlm_loss, dmlm = dispatch("softmax_cross_entropy", logits)(logits, targets)
     if samples is None:
         samples = gumbel_sample(logits, config.temperature, sample_rng)  # (N,), outside the graph: no gradient
     corrupted = input_ids.copy()
@@ -177,7 +176,7 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
                                        train, disc_rng)  # (B, T, C)
     dlogits_in, disc_head = discriminator_head_forward(params, DISC, dh)  # (B, T)
     real = (attention_mask != 0).astype(dlogits_in.dtype)
-    rtd_loss, drtd = sigmoid_cross_entropy(dlogits_in, labels, real)
+    rtd_loss, drtd = dispatch("sigmoid_cross_entropy", dlogits_in)(dlogits_in, labels, real)
 
     losses = {"loss": mlm_loss + config.rtd_weight * rtd_loss, "mlm_loss": mlm_loss, "rtd_loss": rtd_loss}
     cache = StepCache(gen, gen_head, disc, disc_head, rows, dmlm, drtd, tuple(gh.shape))

@@ -22,7 +22,8 @@ from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
 from minielectra import data as datamod
 from minielectra import electra
-from minielectra.optim import adamw_init, adamw_step, clip_scale, learning_rate
+from minielectra.backend import dispatch
+from minielectra.optim import adamw_init, clip_scale, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -158,7 +159,7 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
                     f"The last good checkpoint is kept in {path}: lower --lr or raise warmup_steps and resume or "
                     "restart")
             lr = learning_rate(step, train)
-            adamw_step(params, grads, state, lr, train, grad_scale=scale)
+            dispatch("adamw_step")(params, grads, state, lr, train, grad_scale=scale)
             step += 1
             tokens += batch[0].size
             tok_s = tokens / (time.perf_counter() - t_start)
