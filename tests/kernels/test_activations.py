@@ -1,0 +1,67 @@
+"""kernels/numba_cpu/activations.py against the reference minielectra.ops.activations (tolerance: numba_kernel_checks)."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from minielectra.ops import activations as ref  # noqa: E402
+from kernels.numba_cpu import activations as ker  # noqa: E402
+from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close, noncontiguous  # noqa: E402
+
+pytestmark = pytest.mark.numba
+
+SHAPES = st.one_of(
+    st.tuples(st.integers(1, 40), st.integers(1, 70)),
+    st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 40)),
+)
+
+
+def _inputs(seed, shape, dtype, mag, layout):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * mag).astype(dtype)
+    x.flat[:: max(1, x.size // 5)] = 0  # gelu(0) = 0, gelu'(0) = 1/2
+    b = (rng.standard_normal(shape[-1]) * mag).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    return noncontiguous(x, layout), b, noncontiguous(dout, layout)
+
+
+@KERNEL_SETTINGS
+@given(seed=SEEDS, shape=SHAPES, dtype=DTYPES, mag=MAGNITUDES, layout=LAYOUTS, approximate=st.booleans())
+def test_forward_and_backward_match_reference(seed, shape, dtype, mag, layout, approximate):
+    x, b, dout = _inputs(seed, shape, dtype, mag, layout)
+    y_ref, c_ref = ref.bias_gelu_forward(x, b, approximate)
+    y, c = ker.bias_gelu_forward(x, b, approximate)
+    assert_close(y, y_ref, name="out")
+    dx_ref, db_ref = ref.bias_gelu_backward(dout, c_ref)
+    dx, db = ker.bias_gelu_backward(dout, c)
+    assert_close(dx, dx_ref, name="dx")
+    assert_close(db, db_ref, name="db")
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturation_and_reference_cache(dtype, approximate):
+    """At +-1000 gelu is the identity or 0 and its slope 1 or 0; the backward also inverts a reference forward."""
+    x = np.array([[-1000.0, -40.0, -1.0, 0.0, 1.0, 40.0, 1000.0]], dtype)
+    b = np.zeros(7, dtype)
+    y, c = ker.bias_gelu_forward(x, b, approximate)
+    assert y[0, 0] == 0 and y[0, -1] == 1000 and y[0, 3] == 0
+    dx, _ = ker.bias_gelu_backward(np.ones_like(x), c)
+    assert dx[0, 0] == 0 and dx[0, -1] == 1 and dx[0, 3] == 0.5
+    _, c_ref = ref.bias_gelu_forward(x, b, approximate)
+    for got, want in zip(ker.bias_gelu_backward(np.ones_like(x), c_ref), ref.bias_gelu_backward(np.ones_like(x), c_ref)):
+        assert_close(got, want)
+
+
+def test_rejects_what_the_reference_rejects():
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(TypeError):
+        ker.bias_gelu_forward(x.astype(np.int32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        ker.bias_gelu_forward(x, np.zeros(3, np.float32))
+    _, c = ker.bias_gelu_forward(x, np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        ker.bias_gelu_backward(np.zeros((2, 5), np.float32), c)
