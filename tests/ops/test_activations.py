@@ -69,7 +69,7 @@ def test_tanh_flag_changes_the_result_but_stays_within_1e_3():
     assert diff.max() < 1e-3
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
        scale=st.sampled_from([1e-2, 1.0, 3.0, 50.0, 1000.0]), approximate=st.booleans())
 def test_gelu_grads(seed, shape, scale, approximate):
@@ -78,7 +78,7 @@ def test_gelu_grads(seed, shape, scale, approximate):
     assert_rows_ok(rows)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), lead=st.lists(st.integers(1, 3), min_size=1, max_size=3),
        F=st.integers(1, 5), scale=st.sampled_from([1e-2, 1.0, 3.0, 100.0]), approximate=st.booleans())
 def test_bias_gelu_grads_of_x_and_b(seed, lead, F, scale, approximate):

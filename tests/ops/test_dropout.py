@@ -68,7 +68,7 @@ def test_successive_calls_on_one_generator_draw_fresh_masks():
     assert not np.array_equal(a, b)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
        p=st.sampled_from([0.0, 0.1, 0.5, 0.9]), scale=st.sampled_from([1e-3, 1.0, 1000.0]))
 def test_grads_with_a_fixed_seed(seed, shape, p, scale):

@@ -27,7 +27,7 @@ def _inputs(seed, id_shape, V, E, scale=1.0):
     return ids, table
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, id_shape=ID_SHAPES, V=st.integers(1, 6), E=st.integers(1, 4))
 def test_forward_gathers_rows(seed, id_shape, V, E):
     ids, table = _inputs(seed, id_shape, V, E)
@@ -37,7 +37,7 @@ def test_forward_gathers_rows(seed, id_shape, V, E):
         np.testing.assert_array_equal(out[idx], table[ids[idx]])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, id_shape=ID_SHAPES, V=st.integers(1, 6), E=st.integers(1, 4))
 def test_backward_equals_a_loop_of_row_additions(seed, id_shape, V, E):
     ids, table = _inputs(seed, id_shape, V, E)
@@ -60,7 +60,7 @@ def test_repeated_ids_sum_their_gradients():
     np.testing.assert_array_equal(np.delete(dtable, 2, axis=0), 0.0)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=SEEDS, id_shape=ID_SHAPES, V=st.integers(1, 6), E=st.integers(1, 4),
        scale=st.sampled_from([1e-3, 1.0, 1000.0]))
 def test_grad_of_table(seed, id_shape, V, E, scale):

@@ -35,7 +35,7 @@ def test_eps_is_bert_s():
     assert LAYER_NORM_EPS == 1e-12
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, lead=LEAD, C=st.integers(2, 9), scale=SCALES)
 def test_mean_zero_var_one_before_affine(seed, lead, C, scale):
     x, _, _ = _inputs(seed, lead, C, scale)
@@ -99,7 +99,7 @@ def test_eps_is_configurable_and_matters_for_small_variance():
     np.testing.assert_allclose(layernorm_forward(big, np.ones(C), np.zeros(C), eps=1e-3)[0], [[-1.0, 1.0]], rtol=1e-4)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, lead=LEAD, C=st.integers(3, 8), scale=SCALES)
 def test_grads_of_x_gamma_beta(seed, lead, C, scale):
     x, gamma, beta = _inputs(seed, lead, C, scale)

@@ -31,14 +31,14 @@ def _inputs(seed, lead, C, OC, scale):
     return x, W, b
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), lead=LEADING, C=st.integers(1, 5), OC=st.integers(1, 5), scale=SCALES)
 def test_linear_grads_of_x_W_b(seed, lead, C, OC, scale):
     x, W, b = _inputs(seed, lead, C, OC, scale)
     assert_rows_ok(check_op(linear_forward, linear_backward, {"x": x, "W": W, "b": b}, ["x", "W", "b"]))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), lead=LEADING, C=st.integers(1, 5), OC=st.integers(1, 5), scale=SCALES)
 def test_matmul_grads_of_x_W(seed, lead, C, OC, scale):
     x, W, _ = _inputs(seed, lead, C, OC, scale)
@@ -50,7 +50,7 @@ def test_linear_grads_directional_on_bigger_tensors():
     assert_rows_ok(check_op(linear_forward, linear_backward, {"x": x, "W": W, "b": b}, ["x", "W", "b"]))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), lead=LEADING, C=st.integers(1, 6), OC=st.integers(1, 6),
        scale=st.sampled_from([1e-3, 1.0, 1000.0]))
 def test_forward_equals_explicit_einsum(seed, lead, C, OC, scale):

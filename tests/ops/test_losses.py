@@ -53,7 +53,7 @@ def _ce_inputs(seed, N, V, scale, weighted):
 
 # softmax cross-entropy --------------------------------------------------------------------------------------------------
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, N=st.integers(1, 6), V=st.integers(1, 7), scale=st.sampled_from([0.1, 1.0, 5.0]),
        weighted=st.booleans())
 def test_softmax_ce_matches_reference_and_gradient_checks(seed, N, V, scale, weighted):
@@ -143,7 +143,7 @@ def test_softmax_ce_bad_input_names_the_argument(logits, targets, weights, exc, 
 
 # sigmoid cross-entropy --------------------------------------------------------------------------------------------------
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, shape=st.lists(st.integers(1, 4), min_size=1, max_size=2), scale=st.sampled_from([0.1, 1.0, 5.0]),
        weighted=st.booleans())
 def test_sigmoid_ce_matches_reference_and_gradient_checks(seed, shape, scale, weighted):

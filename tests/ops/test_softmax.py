@@ -58,7 +58,7 @@ def test_known_values():
     np.testing.assert_array_equal(p, np.full((2, 4), 0.25))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, shape=SHAPES, scale=SCALES)
 def test_rows_sum_to_one_and_match_the_reference(seed, shape, scale):
     x = np.random.default_rng(seed).standard_normal(shape) * scale
@@ -70,7 +70,7 @@ def test_rows_sum_to_one_and_match_the_reference(seed, shape, scale):
     assert cache.probs is p or np.array_equal(cache.probs, p)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=SEEDS, shape=SHAPES, scale=st.sampled_from([1.0, 10.0]))
 def test_shift_invariance(seed, shape, scale):
     rng = np.random.default_rng(seed)
@@ -108,7 +108,7 @@ def test_plus_minus_1000_backward_finite(dtype):
     np.testing.assert_allclose(dx, [[1 - 3.0, 2.0, 3 - 3.0]], rtol=1e-6)  # dout - p * 6
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, shape=SHAPES, scale=SCALES)
 def test_boolean_and_additive_masks_agree_and_masked_entries_get_zero(seed, shape, scale):
     x, keep = _draw(seed, shape, scale)
@@ -161,7 +161,7 @@ def test_mask_broadcasts_like_an_attention_padding_mask():
     np.testing.assert_allclose(p[0].sum(-1), 1.0, rtol=1e-14)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=SEEDS, shape=SHAPES, scale=st.sampled_from([1e-3, 1.0, 10.0]))
 def test_log_softmax_equals_log_of_softmax_at_kept_entries(seed, shape, scale):
     x, keep = _draw(seed, shape, scale)
@@ -174,7 +174,7 @@ def test_log_softmax_equals_log_of_softmax_at_kept_entries(seed, shape, scale):
 
 # backward ---------------------------------------------------------------------------------------------------------------
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, shape=SHAPES, scale=SCALES, kind=st.sampled_from(["none", "bool", "additive"]))
 def test_grads(seed, shape, scale, kind):
     x, keep = _draw(seed, shape, scale)
