@@ -78,6 +78,27 @@ def cmd_gradcheck(args):
     return 0 if run_report() else 1
 
 
+def cmd_bench(args):
+    from minielectra import bench
+
+    model, tc = _configs(args)
+    batch, seq = tc.batch_size, tc.seq_len
+    if args.ops:
+        print(f"per-op times at the step's shapes (batch {batch}, seq {seq}), median of 10 calls:")
+        print(bench.format_ops(bench.bench_ops(model, tc, batch, seq)))
+    result = bench.bench_step(model, tc, batch, seq, steps=args.bench_steps, warmup=args.bench_warmup)
+    print(bench.format_step(result))
+    if args.vs_torch:
+        from minielectra import bench_torch
+
+        result["vs_torch"] = bench_torch.compare(model, tc, batch, seq, steps=args.bench_steps,
+                                                 warmup=args.bench_warmup)
+        print(bench_torch.format_comparison(result["vs_torch"]))
+    if args.json:
+        print(bench.to_json_line(result))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minielectra", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +113,19 @@ def build_parser():
     _add_config_flags(p)
     _add_backend(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("bench", help="time the full training step: tokens/s, model FLOPs, MFU; --ops per op")
+    p.add_argument("--config", default="tiny", help="preset (tiny, small) or a JSON config file")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override any config field (repeatable)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--steps", dest="bench_steps", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--warmup", dest="bench_warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--ops", action="store_true", help="also time each op: reference vs kernel")
+    p.add_argument("--vs-torch", action="store_true", help="also time the same step in PyTorch + transformers")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    _add_backend(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("gradcheck", help="gradient-check every op and block; exit 0 only if all pass")
     _add_backend(p)

@@ -1,0 +1,213 @@
+"""`minielectra bench`: throughput and model FLOPs of the full ELECTRA training step, and per-op kernel speed-ups.
+
+The step timed is everything a training step does: masking, generator, Gumbel sampling, discriminator, both losses,
+the backward pass, gradient clipping and the AdamW update, on a random batch of full-length sequences.
+
+Model FLOPs follow DESIGN.md: 6 x (weights x rows) summed over the linear layers (2 for the forward matmul, 4 for
+the two backward ones), plus 12 x layers x T^2 x hidden x B per encoder for the attention score and value matmuls.
+MFU divides the achieved model FLOP/s by this machine's float32 GEMM FLOP/s, measured in the same run.
+"""
+
+import gc
+import json
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+
+from minielectra import backend, electra
+from minielectra.backend import dispatch
+from minielectra.config import ElectraConfig
+from minielectra.optim import adamw_init, clip_scale, learning_rate
+
+
+def masked_tokens(config: ElectraConfig, batch_size, seq_len):
+    """Picks per batch for full-length sequences ([CLS] + T-2 words + [SEP]), as electra.mask_tokens makes them."""
+    n = seq_len - 2
+    return batch_size * min(max(1, round(n * config.mask_prob)), electra.max_predictions(config, seq_len))
+
+
+def model_flops(config: ElectraConfig, batch_size, seq_len):
+    """Model FLOPs of one training step (forward + backward) by DESIGN.md's formula."""
+    rows = batch_size * seq_len
+    masked = masked_tokens(config, batch_size, seq_len)
+    E, V, L = config.embedding_size, config.vocab_size, config.num_hidden_layers
+    total = 0
+    for C, F in ((config.generator_hidden_size, config.generator_intermediate_size),
+                 (config.hidden_size, config.intermediate_size)):
+        weights = L * (4 * C * C + 2 * C * F) + (E * C if E != C else 0)  # Q, K, V, O, FFN; embeddings_project
+        total += 6 * weights * rows + 12 * L * seq_len ** 2 * C * batch_size
+    C = config.hidden_size
+    total += 6 * (C * C + C) * rows  # discriminator head: dense, dense_prediction
+    total += 6 * (config.generator_hidden_size * E + E * V) * masked  # generator head dense, tied LM head
+    return total
+
+
+def gemm_flops_per_s(n=1024, repeats=7):
+    """This machine's float32 GEMM throughput: median of repeated (n x n) @ (n x n) products on BLAS."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm up the BLAS threads
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def _random_batch(config, batch_size, seq_len, rng):
+    ids = rng.integers(5, config.vocab_size, (batch_size, seq_len))
+    ids[:, 0], ids[:, -1] = config.cls_token_id, config.sep_token_id
+    return ids, np.ones_like(ids)
+
+
+def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
+    """A function running one full training step on a fixed random batch, and the params it trains."""
+    params = electra.init_model(config, np.random.default_rng(seed))
+    state = adamw_init(params)
+    rng = np.random.default_rng(seed + 1)
+    batch = _random_batch(config, batch_size, seq_len, rng)
+    counter = [0]
+
+    def step():
+        losses, _, grads = electra.loss_and_grads(params, batch, config, rng, train=True)
+        _, scale = clip_scale(grads, train.max_grad_norm)
+        dispatch("adamw_step")(params, grads, state, learning_rate(counter[0], train), train, grad_scale=scale)
+        counter[0] += 1
+        return losses["loss"]
+
+    return step, params
+
+
+def time_calls(fn, steps, warmup):
+    """(median seconds, first call seconds, all timed seconds) of fn() over `steps` calls after `warmup` calls."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), first, times
+
+
+def peak_memory(fn):
+    """Peak bytes allocated (tracemalloc, which sees NumPy's buffers) during one call of fn, timed separately."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
+    """The full-step benchmark as a dict (see the module docstring)."""
+    step, params = make_step(config, train, batch_size, seq_len)
+    median, first, times = time_calls(step, steps, warmup)
+    flops = model_flops(config, batch_size, seq_len)
+    gemm = gemm_flops_per_s()
+    return {
+        "backend": backend.active_backend(),
+        "kernels": backend.kernel_names(),
+        "batch": batch_size, "seq": seq_len,
+        "params_m": electra.count_params(params) / 1e6,
+        "tokens_per_s": batch_size * seq_len / median,
+        "s_per_step_median": median,
+        "s_per_step_min": min(times),
+        "model_gflop_per_step": flops / 1e9,
+        "achieved_gflop_per_s": flops / median / 1e9,
+        "gemm_gflop_per_s": gemm / 1e9,
+        "mfu": flops / median / gemm,
+        "peak_memory_mb": peak_memory(step) / 2**20,
+        "compile_s": max(0.0, first - median),  # the first step's extra time: JIT compilation and caches
+        "steps": steps, "warmup": warmup,
+    }
+
+
+def format_step(r):
+    return "\n".join([
+        f"backend {r['backend']}" + (f" (kernels: {', '.join(r['kernels'])})" if r["kernels"] else ""),
+        f"batch {r['batch']} x seq {r['seq']}, {r['params_m']:.2f} M params, {r['steps']} timed steps after "
+        f"{r['warmup']} warm-up",
+        f"tokens/s            {r['tokens_per_s']:,.0f}",
+        f"s/step (median)     {r['s_per_step_median']:.4f}   (min {r['s_per_step_min']:.4f})",
+        f"model GFLOP/step    {r['model_gflop_per_step']:.2f}",
+        f"achieved GFLOP/s    {r['achieved_gflop_per_s']:.1f}",
+        f"GEMM GFLOP/s (fp32) {r['gemm_gflop_per_s']:.1f}",
+        f"MFU                 {r['mfu']:.3f}",
+        f"peak memory         {r['peak_memory_mb']:.0f} MB",
+        f"compile time        {r['compile_s']:.1f} s",
+    ])
+
+
+def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
+    """(name, reference-module op pairs, inputs) for every dispatched op at the shapes the step uses."""
+    from minielectra.ops.embedding import EmbeddingCache
+
+    B, T, C, H = batch_size, seq_len, config.hidden_size, config.num_attention_heads
+    D, F, V, E = C // H, config.intermediate_size, config.vocab_size, config.embedding_size
+    N = masked_tokens(config, B, T)
+    f32 = np.float32
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(f32)
+
+    mask = np.ones((B, T), dtype=np.int64)
+    ids = rng.integers(0, V, (B, T))
+    params = {"w": r(C, F), "b.bias": r(F)}
+    return [
+        ("attention fwd+bwd", ("attention_forward", "attention_backward"),
+         (r(B, H, T, D), r(B, H, T, D), r(B, H, T, D), mask, config.attention_probs_dropout_prob,
+          np.random.default_rng(0)), r(B, H, T, D)),
+        ("layernorm fwd+bwd", ("layernorm_forward", "layernorm_backward"), (r(B, T, C), r(C), r(C)), r(B, T, C)),
+        ("bias+gelu fwd+bwd", ("bias_gelu_forward", "bias_gelu_backward"), (r(B, T, F), r(F)), r(B, T, F)),
+        ("softmax CE (MLM)", ("softmax_cross_entropy",), (r(N, V), rng.integers(0, V, N)), None),
+        ("sigmoid CE (RTD)", ("sigmoid_cross_entropy",), (r(B, T), rng.integers(0, 2, (B, T)), np.ones((B, T), f32)),
+         None),
+        ("embedding bwd", ("embedding_backward",), (r(B, T, E), EmbeddingCache(ids, (V, E))), None),
+        ("adamw (C x F)", ("adamw_step",), (params, {k: r(*v.shape) for k, v in params.items()}, adamw_init(params),
+                                            1e-4, train, 1.0), None),
+    ]
+
+
+def bench_ops(config: ElectraConfig, train, batch_size, seq_len, repeats=10):
+    """[(op, reference s, kernel s or None)]: medians of `repeats` calls at the step's shapes, side by side."""
+    import importlib
+
+    rng = np.random.default_rng(0)
+    package = {"numba": "kernels.numba_cpu", "cupy": "kernels.cupy_gpu"}.get(backend.active_backend())
+    rows = []
+    for name, ops, args, dout in _op_cases(config, train, batch_size, seq_len, rng):
+        def runner(fns):
+            if len(fns) == 1:
+                return lambda: fns[0](*args)
+            return lambda: fns[1](dout, fns[0](*args)[1])
+
+        ref = [getattr(importlib.import_module(backend._OP_MODULES[op]), op) for op in ops]
+        ker = [backend.dispatch(op, np.zeros(1)) for op in ops]
+        has_kernel = package is not None and all(k is not r for k, r in zip(ker, ref))
+        ref_t, _, _ = time_calls(runner(ref), repeats, 2)
+        ker_t = time_calls(runner(ker), repeats, 2)[0] if has_kernel else None
+        rows.append((name, ref_t, ker_t))
+    return rows
+
+
+def format_ops(rows):
+    lines = [f"{'op':<20} {'reference ms':>12} {'kernel ms':>10} {'speed-up':>9}", "-" * 54]
+    for name, ref_t, ker_t in rows:
+        if ker_t is None:
+            lines.append(f"{name:<20} {ref_t * 1e3:>12.2f} {'-':>10} {'-':>9}")
+        else:
+            lines.append(f"{name:<20} {ref_t * 1e3:>12.2f} {ker_t * 1e3:>10.2f} {ref_t / ker_t:>8.2f}x")
+    return "\n".join(lines)
+
+
+def to_json_line(result):
+    return json.dumps(result, sort_keys=True)

@@ -1,0 +1,42 @@
+"""The benchmark's FLOP formula against a count by hand, and the command's JSON line."""
+
+import json
+
+import pytest
+
+from minielectra import bench
+from minielectra.cli import main
+from minielectra.config import ElectraConfig
+
+MICRO = ElectraConfig(vocab_size=100, embedding_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=32, generator_hidden_size=4, generator_num_attention_heads=1,
+                      generator_intermediate_size=16, max_position_embeddings=64)
+
+
+def test_model_flops_by_hand():
+    B, T = 3, 20
+    rows, masked = B * T, B * 3  # round(0.15 * 18) = 3 picks per sequence (cap int(0.155 * 20) = 3)
+    assert bench.masked_tokens(MICRO, B, T) == masked
+    gen = 2 * (4 * 4 * 4 + 2 * 4 * 16) + 8 * 4  # two layers of Q, K, V, O and FFN at width 4; project 8 -> 4
+    disc = 2 * (4 * 16 * 16 + 2 * 16 * 32) + 8 * 16
+    heads_rows = 16 * 16 + 16  # discriminator head, every token
+    heads_masked = 4 * 8 + 8 * 100  # generator dense 4 -> 8, tied LM head 8 -> 100, picked tokens only
+    attention = 12 * 2 * T * T * (4 + 16) * B
+    expected = 6 * ((gen + disc + heads_rows) * rows + heads_masked * masked) + attention
+    assert bench.model_flops(MICRO, B, T) == expected
+
+
+def test_bench_command_ends_with_one_json_object(capsys):
+    argv = ["bench", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16", "--json", "--ops"]
+    for field, value in MICRO.__dict__.items():
+        if field.endswith("token_id"):
+            continue
+        argv += ["--set", f"{field}={value}"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    for key in ("tokens_per_s", "s_per_step_median", "model_gflop_per_step", "achieved_gflop_per_s",
+                "gemm_gflop_per_s", "mfu", "peak_memory_mb", "compile_s"):
+        assert result[key] >= 0, key
+    assert result["model_gflop_per_step"] == pytest.approx(bench.model_flops(MICRO, 2, 16) / 1e9)
+    assert any(line.startswith("attention fwd+bwd") for line in lines)
