@@ -1,8 +1,9 @@
 """Numba CPU kernels for `minielectra.ops.losses` (softmax_cross_entropy, sigmoid_cross_entropy).
 
-softmax_cross_entropy reads each row of logits three times (max, sum of exp, then dlogits = softmax - onehot, scaled)
-and allocates nothing of size (N, V) but dlogits itself, where the reference materialises the shifted scores, their
-exp, log-probabilities and probabilities. Rows run in a prange. The per-row weighted log-probabilities come back as an
+softmax_cross_entropy makes three passes per row: the max; exp(x - max), summed and parked in dlogits; then dlogits
+scaled in place to (softmax - onehot) * w / sum(w). One exp per entry, and nothing of size (N, V) is allocated but
+dlogits itself, where the reference materialises the shifted scores, their exp, log-probabilities and probabilities.
+Rows run in a prange. The per-row weighted log-probabilities come back as an
 (N,) array that is summed on the host exactly as the reference sums them, so the loss matches it.
 sigmoid_cross_entropy is one fused elementwise pass. Both keep the reference's stable forms and expression order.
 """
@@ -27,14 +28,17 @@ def _softmax_ce(logits, targets, w, denom, one, wlogp, dlogits):
             if logits[i, j] > m:
                 m = logits[i, j]
         s = zero
-        for j in range(V):
-            s += math.exp(logits[i, j] - m)
+        for j in range(V):  # exp(x - max) parked in dlogits: the row stays in cache for the last pass
+            e = math.exp(logits[i, j] - m)
+            dlogits[i, j] = e
+            s += e
         t = targets[i]
         wlogp[i] = w[i] * (logits[i, t] - m - math.log(s))
         c = w[i] / denom  # the reference's w / denom, in the logits' dtype
+        pt = dlogits[i, t] / s
         for j in range(V):
-            dlogits[i, j] = math.exp(logits[i, j] - m) / s * c
-        dlogits[i, t] = (math.exp(logits[i, t] - m) / s - one) * c
+            dlogits[i, j] = dlogits[i, j] / s * c
+        dlogits[i, t] = (pt - one) * c
 
 
 @njit(cache=True, parallel=True)

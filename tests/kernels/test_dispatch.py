@@ -60,5 +60,5 @@ def test_multi_head_attention_through_the_kernels_matches_numpy(numba_backend):
     # A chain of ops on O(1) inputs: the terms are O(1), so floor 1; dbk is 0 in exact arithmetic (a key bias shifts
     # every score of a query equally), pure rounding noise, which is why the floor is not max|ref|.
     assert_close(out, out_ref, k=64, floor=1.0)
-    for g, g_ref in zip(mha_backward(dout, cache_ref), grads):
+    for g_ref, g in zip(mha_backward(dout, cache_ref), grads):
         assert_close(g, g_ref, k=64, floor=1.0)
