@@ -29,7 +29,8 @@ def _erf(xp):
 
 
 class GeluCache(NamedTuple):
-    x: object  # (...) the pre-activation; backward recomputes Phi and phi from it
+    x: object  # (...) the pre-activation
+    s: object  # (...) Phi(x) for the exact form, tanh(...) for the approximation: the costly part, kept for backward
     approximate: bool
 
 
@@ -38,24 +39,24 @@ def gelu_forward(x, approximate=False):
     checks.float_array("x", x)
     xp = get_xp(x)
     if approximate:
-        out = 0.5 * x * (1.0 + xp.tanh(_TANH_C * (x + 0.044715 * x**3)))
+        s = xp.tanh(_TANH_C * (x + 0.044715 * x**3))
+        out = 0.5 * x * (1.0 + s)
     else:
-        out = 0.5 * x * (1.0 + _erf(xp)(x / _SQRT_2))
-    return out.astype(x.dtype, copy=False), GeluCache(x, approximate)
+        s = (0.5 * (1.0 + _erf(xp)(x / _SQRT_2))).astype(x.dtype, copy=False)  # Phi(x)
+        out = x * s
+    return out.astype(x.dtype, copy=False), GeluCache(x, s, approximate)
 
 
 def gelu_backward(dout, cache):
     """Inverts `out = x * Phi(x)`: d/dx = Phi(x) + x * phi(x), phi the normal density (or the tanh form's derivative)."""
-    x, approximate = cache
+    x, s, approximate = cache
     xp = get_xp(x)
     if approximate:
-        inner = _TANH_C * (x + 0.044715 * x**3)
-        t = xp.tanh(inner)
         dinner = _TANH_C * (1.0 + 3 * 0.044715 * x**2)
-        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+        grad = 0.5 * (1.0 + s) + 0.5 * x * (1.0 - s * s) * dinner
     else:
         # exp(-x^2/2) underflows to 0 for |x| > ~38, where the derivative is exactly 0 or 1 anyway.
-        grad = 0.5 * (1.0 + _erf(xp)(x / _SQRT_2)) + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+        grad = s + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
     return (dout * grad).astype(x.dtype, copy=False)
 
 
