@@ -11,6 +11,7 @@ softmax backward. The dropout keep mask is drawn with the reference's own Genera
 the same seed drops the same weights.
 """
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -20,6 +21,25 @@ from numba import njit, prange
 from kernels.numba_cpu._common import float_dtype
 from minielectra.ops import checks
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, key_mask
+
+
+_blas_controller = []
+
+
+def _one_blas_thread():
+    """Run BLAS single-threaded inside the kernels: the prange already spreads the heads over the cores, and a
+    multithreaded BLAS call from each of those threads oversubscribes them (2-3x slower, measured). Uses threadpoolctl
+    where installed; without it BLAS keeps its own setting (OPENBLAS_NUM_THREADS=1 does the same)."""
+    if not _blas_controller:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls, loaded so it is seen
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas_controller.append(None)
+        else:
+            _blas_controller.append(ThreadpoolController())
+    controller = _blas_controller[0]
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
 
 class AttentionKernelCache(NamedTuple):
@@ -131,9 +151,10 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     drop_scale = dt.type(1.0 / (1.0 - p_drop))
     consts = np.array([scale, drop_scale, -np.inf], dtype=dt)
     if B * H:
-        _forward(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D), keys,
-                 keep.reshape(-1, keep.shape[2], keep.shape[3]), use_drop, consts,
-                 probs.reshape(B * H, T, T), out.reshape(B * H, T, D))
+        with _one_blas_thread():
+            _forward(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D), keys,
+                     keep.reshape(-1, keep.shape[2], keep.shape[3]), use_drop, consts,
+                     probs.reshape(B * H, T, T), out.reshape(B * H, T, D))
     return out, AttentionKernelCache(q, k, v, probs, keep if use_drop else None, drop_scale, float(scale))
 
 
@@ -154,6 +175,7 @@ def attention_backward(dout, cache):
     consts = np.array([scale, drop_scale, -np.inf], dtype=dt)
     if B * H:
         r = lambda a: a.reshape(B * H, T, a.shape[-1])  # noqa: E731
-        _backward(r(dout), r(q), r(k), r(v), r(probs), keep.reshape(-1, keep.shape[2], keep.shape[3]), use_drop,
-                  consts, r(dq), r(dk), r(dv))
+        with _one_blas_thread():
+            _backward(r(dout), r(q), r(k), r(v), r(probs), keep.reshape(-1, keep.shape[2], keep.shape[3]), use_drop,
+                      consts, r(dq), r(dk), r(dv))
     return dq, dk, dv
