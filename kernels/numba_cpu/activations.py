@@ -42,7 +42,7 @@ def _forward(x, b, approximate, c, out):
         else:
             for j in range(F):
                 h = x[i, j] + b[j]
-                out[i, j] = half * h * (one + math.erf(h / sqrt2))
+                out[i, j] = h * (half * (one + math.erf(h / sqrt2)))  # x * Phi(x)
 
 
 @njit(cache=True, parallel=True)
@@ -86,7 +86,7 @@ def bias_gelu_forward(x, b, approximate=False):
 def bias_gelu_backward(dout, cache):
     """Inverts `out = gelu(x + b)`: dx = gelu'(x + b) * dout, db sums dx over every leading position."""
     if isinstance(cache, BiasGeluCache):  # from the reference forward: h = x + b is stored, so b = 0
-        x, approximate = cache.gelu
+        x, approximate = cache.gelu.x, cache.gelu.approximate
         b = np.zeros(x.shape[-1], x.dtype)
     else:
         x, b, approximate = cache
