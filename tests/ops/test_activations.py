@@ -74,6 +74,9 @@ def test_tanh_flag_changes_the_result_but_stays_within_1e_3():
        scale=st.sampled_from([1e-2, 1.0, 3.0, 50.0, 1000.0]), approximate=st.booleans())
 def test_gelu_grads(seed, shape, scale, approximate):
     x = np.random.default_rng(seed).standard_normal(shape) * scale
+    # One entry where gelu' is O(1): a tensor whose entries all sit in the left tail (x ~ -5, gelu' ~ 1e-5) has a
+    # gradient below the finite difference's noise floor (1 + erf cancels there), and no relative test can pass.
+    x.flat[0] = 0.7
     rows = check_op(gelu_forward, gelu_backward, {"x": x, "approximate": approximate}, ["x"])
     assert_rows_ok(rows)
 
@@ -85,6 +88,7 @@ def test_bias_gelu_grads_of_x_and_b(seed, lead, F, scale, approximate):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((*lead, F)) * scale
     b = rng.standard_normal(F) * scale
+    x.flat[0] = 0.7 - b[0]  # x + b = 0.7 there: see test_gelu_grads
     rows = check_op(bias_gelu_forward, bias_gelu_backward, {"x": x, "b": b, "approximate": approximate}, ["x", "b"])
     assert_rows_ok(rows)
 

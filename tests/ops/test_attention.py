@@ -149,10 +149,12 @@ def test_fully_padded_sequence_gives_zero_output_and_finite_grads():
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 4),
-       D=st.integers(1, 3), scale=st.sampled_from([0.3, 1.0, 3.0]), p_drop=st.sampled_from([0.0, 0.3]),
+       D=st.integers(1, 3), scale=st.sampled_from([1e-3, 1.0, 1000.0]), p_drop=st.sampled_from([0.0, 0.3]),
        masked=st.booleans(), full_pad=st.booleans())
 def test_grads_of_q_k_v(seed, B, H, T, D, scale, p_drop, masked, full_pad):
-    q, k, v = _qkv(seed, B, H, T, D, scale)
+    # q and k stay O(1): saturated weights have gradients ~exp(-score spread), below the finite-difference noise floor
+    q, k, v = _qkv(seed, B, H, T, D)
+    v *= scale
     mask = _mask(np.random.default_rng(seed), B, T, full_pad) if masked else None
 
     def forward(q, k, v):  # a fresh Generator per call: every probe sees the same dropout mask

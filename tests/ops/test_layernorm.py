@@ -25,7 +25,10 @@ SCALES = st.sampled_from([0.1, 1.0, 30.0, 1000.0])
 
 def _inputs(seed, lead, C, scale):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((*lead, C)) * scale + rng.standard_normal() * scale  # rows with a nonzero mean too
+    z = rng.standard_normal((*lead, C))
+    z -= z.mean(-1, keepdims=True)
+    z /= z.std(-1, keepdims=True)  # every row spread exactly `scale`: a near-constant row is ill-conditioned (eps)
+    x = z * scale + rng.standard_normal((*lead, 1)) * scale  # rows with a nonzero mean too
     gamma = 1.0 + 0.5 * rng.standard_normal(C)
     beta = 0.5 * rng.standard_normal(C)
     return x, gamma, beta

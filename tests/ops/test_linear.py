@@ -25,9 +25,13 @@ LEADING = st.lists(st.integers(1, 3), min_size=1, max_size=3)  # x is 2-D, 3-D o
 def _inputs(seed, lead, C, OC, scale):
     xs, ws = scale if isinstance(scale, tuple) else (scale, scale)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((*lead, C)) * xs
-    W = rng.standard_normal((C, OC)) * ws
-    b = rng.standard_normal(OC) * ws
+
+    def signed(*shape):  # magnitudes in [0.5, 2): no near-zero draw makes a gradient vanish below the noise floor
+        return rng.choice([-1.0, 1.0], shape) * rng.uniform(0.5, 2.0, shape)
+
+    x = signed(*lead, C) * xs
+    W = signed(C, OC) * ws
+    b = signed(OC) * ws
     return x, W, b
 
 

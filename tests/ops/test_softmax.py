@@ -175,9 +175,13 @@ def test_log_softmax_equals_log_of_softmax_at_kept_entries(seed, shape, scale):
 # backward ---------------------------------------------------------------------------------------------------------------
 
 @settings(max_examples=30, deadline=None)
-@given(seed=SEEDS, shape=SHAPES, scale=SCALES, kind=st.sampled_from(["none", "bool", "additive"]))
-def test_grads(seed, shape, scale, kind):
+@given(seed=SEEDS, shape=SHAPES, scale=st.sampled_from([1e-3, 0.3, 1.0, 2.0]),
+       offset=st.sampled_from([0.0, 1000.0, -1000.0]), kind=st.sampled_from(["none", "bool", "additive"]))
+def test_grads(seed, shape, scale, offset, kind):
+    # Moderate spreads (a saturated row has a gradient ~exp(-spread), below the finite difference's noise floor),
+    # but rows offset to +-1000, where the max-subtraction must keep everything finite and exact.
     x, keep = _draw(seed, shape, scale)
+    x += offset
     mask = {"none": None, "bool": keep, "additive": np.where(keep, 0.0, -np.inf)}[kind]
     assert_rows_ok(check_op(softmax_forward, softmax_backward, {"x": x, "mask": mask}, ["x"]))
     assert_rows_ok(check_op(log_softmax_forward, log_softmax_backward, {"x": x, "mask": mask}, ["x"]))
