@@ -1,0 +1,224 @@
+"""`minielectra bench --vs-torch`: the same ELECTRA training step in PyTorch + Hugging Face transformers, side by side.
+
+Optional: torch and transformers are imported only here, only when asked for, and are never a dependency of the
+package or its tests. Nothing is downloaded: both models are built from `transformers.ElectraConfig` with random init.
+
+The PyTorch step does what `bench.make_step`'s does, on the same fixed random batch of full-length sequences:
+- masking: `electra.mask_tokens` in NumPy (our step runs the very same code), converted to tensors;
+- generator = `ElectraForMaskedLM` at the generator's sizes; its encoder runs on the masked sequence, the hidden states
+  at the picked positions are gathered, and only those go through `generator_predictions` and the tied LM head;
+- Gumbel-max sampling under `torch.no_grad()`; labels = sampled != original;
+- discriminator = `ElectraForPreTraining`; sigmoid cross-entropy over the non-pad tokens;
+- loss = mlm + rtd_weight * rtd, backward, `clip_grad_norm_`, `torch.optim.AdamW` (no decay on biases and LayerNorm,
+  the learning rate set from our schedule every step);
+- shared embeddings: the generator's `electra.embeddings` IS the discriminator's module (word, position, token type,
+  LayerNorm), and the generator's LM head weight IS the word table, so one table gets all three gradients;
+- float32, train mode (dropout as the config says), eager execution, `torch.set_num_threads` = our BLAS's threads.
+
+Two differences that do not change the work done: torch's AdamW applies bias correction (ours, as ELECTRA's, does not),
+and HF initialises with a plain normal (ours: truncated normal). `attn_implementation` defaults to HF's own default,
+"sdpa" (PyTorch's fused scaled_dot_product_attention); "eager" is HF's matmul-softmax-matmul, closer to ours.
+"""
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+from minielectra import backend, bench, electra
+from minielectra.config import ElectraConfig
+from minielectra.optim import learning_rate, no_decay
+
+MISSING = "--vs-torch needs torch and transformers: pip install torch transformers"
+
+
+def _import():
+    """(torch, transformers), or an ImportError that says what to install."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ImportError(MISSING) from e
+    return torch, transformers
+
+
+def blas_threads():
+    """The number of threads NumPy's BLAS uses (threadpoolctl when installed, else os.cpu_count())."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return os.cpu_count() or 1
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    # torch ships BLAS/OpenMP libraries of its own once imported: prefer the one that came with NumPy.
+    ours = [i for i in blas if "numpy" in i.get("filepath", "")] or blas
+    return int(ours[0]["num_threads"]) if ours else (os.cpu_count() or 1)
+
+
+def hf_config(config: ElectraConfig, which, attn_implementation="sdpa"):
+    """A transformers.ElectraConfig for our generator or discriminator (same layer count, embeddings and dropout)."""
+    _, transformers = _import()
+    gen = which == electra.GEN
+    return transformers.ElectraConfig(
+        vocab_size=config.vocab_size, embedding_size=config.embedding_size,
+        hidden_size=config.generator_hidden_size if gen else config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.generator_num_attention_heads if gen else config.num_attention_heads,
+        intermediate_size=config.generator_intermediate_size if gen else config.intermediate_size,
+        hidden_act="gelu",  # exact erf GELU, as ours
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        initializer_range=config.initializer_range, layer_norm_eps=config.layer_norm_eps,
+        pad_token_id=config.pad_token_id, attn_implementation=attn_implementation)
+
+
+class TorchStep:
+    """One full ELECTRA training step in PyTorch per call (returns the loss as a float). Attributes: generator,
+    discriminator, optimizer, params (each shared tensor once), threads, attn_implementation."""
+
+    def __init__(self, config: ElectraConfig, train, batch_size, seq_len, seed=0, attn_implementation="sdpa",
+                 threads=None):
+        torch, transformers = _import()
+        self.torch, self.config, self.train = torch, config, train
+        self.threads = threads or blas_threads()
+        torch.set_num_threads(self.threads)
+        torch.manual_seed(seed)
+        self.attn_implementation = attn_implementation
+        self.generator = transformers.ElectraForMaskedLM(hf_config(config, electra.GEN, attn_implementation))
+        self.discriminator = transformers.ElectraForPreTraining(hf_config(config, electra.DISC, attn_implementation))
+        shared = self.discriminator.electra.embeddings
+        self.generator.electra.embeddings = shared  # word, position, token type tables and the LayerNorm: one module
+        self.generator.generator_lm_head.weight = shared.word_embeddings.weight  # tied LM head: logits = h @ E.T + b
+        for model in (self.generator, self.discriminator):
+            model.float().train()
+
+        seen, decay, plain = set(), [], []
+        for prefix, model in ((electra.GEN, self.generator), (electra.DISC, self.discriminator)):
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    (plain if no_decay(f"{prefix}.{name}") else decay).append(p)
+        self.params = decay + plain
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+            lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
+
+        self.rng = np.random.default_rng(seed + 1)
+        ids, mask = bench._random_batch(config, batch_size, seq_len, self.rng)
+        self.ids_np, self.mask_np = ids, mask
+        self.ids, self.mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        self.types = torch.zeros_like(self.ids)
+        self.counter = 0
+
+    def count_params(self):
+        return sum(p.numel() for p in self.params)
+
+    def __call__(self):
+        torch, config = self.torch, self.config
+        F = torch.nn.functional
+        B, T = self.ids.shape
+        m = electra.mask_tokens(self.ids_np, self.mask_np, config, self.rng)  # the same NumPy work our step does
+        picked = m.weights.reshape(-1) > 0
+        rows = torch.from_numpy((np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked])  # (N,) flat positions
+        targets = self.ids.reshape(-1)[rows]  # (N,)
+        lr = learning_rate(self.counter, self.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        gen = self.generator
+        gh = gen.electra(input_ids=torch.from_numpy(m.masked_ids), attention_mask=self.mask,
+                         token_type_ids=self.types).last_hidden_state  # (B, T, Cg)
+        h = gh.reshape(B * T, -1).index_select(0, rows)  # (N, Cg): the head runs at the picked positions only
+        logits = gen.generator_lm_head(gen.generator_predictions(h))  # (N, V)
+        mlm = F.cross_entropy(logits, targets)
+        with torch.no_grad():  # Gumbel-max, as electra.gumbel_sample: no gradient through the sample
+            u = torch.rand(logits.shape)
+            g = -torch.log(-torch.log(u + 1e-9) + 1e-9)
+            samples = torch.argmax(logits / config.temperature + g, dim=-1)  # (N,)
+            corrupted = self.ids.clone()
+            corrupted.view(-1)[rows] = samples
+            labels = (corrupted != self.ids).float()  # (B, T)
+        dlogits = self.discriminator(input_ids=corrupted, attention_mask=self.mask,
+                                     token_type_ids=self.types).logits  # (B, T)
+        real = self.mask.float()
+        rtd = (F.binary_cross_entropy_with_logits(dlogits, labels, reduction="none") * real).sum() / real.sum()
+        loss = mlm + config.rtd_weight * rtd
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
+        self.optimizer.step()
+        self.counter += 1
+        return loss.item()
+
+
+def torch_step(config: ElectraConfig, train, batch_size, seq_len, seed=0, attn_implementation="sdpa"):
+    """A callable running one full ELECTRA training step in PyTorch eager on a fixed random batch (see TorchStep)."""
+    return TorchStep(config, train, batch_size, seq_len, seed, attn_implementation)
+
+
+def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=3, attn_implementation="sdpa"):
+    """Our step and the PyTorch step timed in interleaved runs; medians, tokens/s, ratio (ours / torch), MFU of each.
+
+    Each iteration times one step of each, alternating which goes first, so that load from other work on the machine
+    and thermal drift fall on both alike.
+    """
+    torch, transformers = _import()
+    ours, params = bench.make_step(config, train, batch_size, seq_len)
+    theirs = torch_step(config, train, batch_size, seq_len, attn_implementation=attn_implementation)
+    first = {"ours": ours(), "torch": theirs()}  # step 0's losses: both near ln V + rtd_weight ln 2
+    for _ in range(max(0, warmup - 1)):
+        ours()
+        theirs()
+    times = {"ours": [], "torch": []}
+    for i in range(steps):
+        order = (("ours", ours), ("torch", theirs)) if i % 2 == 0 else (("torch", theirs), ("ours", ours))
+        for name, fn in order:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    flops = bench.model_flops(config, batch_size, seq_len)
+    gemm = bench.gemm_flops_per_s()
+    tokens = batch_size * seq_len
+    med = {k: statistics.median(v) for k, v in times.items()}
+    numba_threads = None
+    if backend.active_backend() == "numba":
+        import numba
+
+        numba_threads = numba.get_num_threads()
+    return {
+        "backend": backend.active_backend(),
+        "batch": batch_size, "seq": seq_len, "steps": steps, "warmup": warmup,
+        "threads": theirs.threads, "torch_threads": torch.get_num_threads(), "numba_threads": numba_threads,
+        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+        "attn_implementation": attn_implementation,
+        "params_m_ours": electra.count_params(params) / 1e6, "params_m_torch": theirs.count_params() / 1e6,
+        "first_loss_ours": first["ours"], "first_loss_torch": first["torch"],
+        "starting_loss": electra.starting_loss(config.vocab_size, config.rtd_weight), "rtd_weight": config.rtd_weight,
+        "s_per_step_ours": med["ours"], "s_per_step_torch": med["torch"],
+        "s_per_step_min_ours": min(times["ours"]), "s_per_step_min_torch": min(times["torch"]),
+        "tokens_per_s_ours": tokens / med["ours"], "tokens_per_s_torch": tokens / med["torch"],
+        "ratio": med["torch"] / med["ours"],  # = ours tokens/s / torch tokens/s
+        "model_gflop_per_step": flops / 1e9, "gemm_gflop_per_s": gemm / 1e9,
+        "mfu_ours": flops / med["ours"] / gemm, "mfu_torch": flops / med["torch"] / gemm,
+    }
+
+
+def format_comparison(d):
+    numba = f", numba {d['numba_threads']} threads" if d.get("numba_threads") else ""
+    rows = [
+        f"vs PyTorch {d['torch_version']} + transformers {d['transformers_version']} (attention: "
+        f"{d['attn_implementation']}), {d['threads']} threads each{numba}; {d['steps']} interleaved steps after "
+        f"{d['warmup']} warm-up, batch {d['batch']} x seq {d['seq']}",
+        f"{'':<16} {'minielectra (' + d['backend'] + ')':>22} {'pytorch':>12}",
+        f"{'params (M)':<16} {d['params_m_ours']:>22.2f} {d['params_m_torch']:>12.2f}",
+        f"{'loss at step 0':<16} {d['first_loss_ours']:>22.3f} {d['first_loss_torch']:>12.3f}   "
+        f"(ln V + {d['rtd_weight']:g} ln 2 = {d['starting_loss']:.3f})",
+        f"{'s/step median':<16} {d['s_per_step_ours']:>22.4f} {d['s_per_step_torch']:>12.4f}",
+        f"{'s/step min':<16} {d['s_per_step_min_ours']:>22.4f} {d['s_per_step_min_torch']:>12.4f}",
+        f"{'tokens/s':<16} {d['tokens_per_s_ours']:>22,.0f} {d['tokens_per_s_torch']:>12,.0f}",
+        f"{'MFU':<16} {d['mfu_ours']:>22.3f} {d['mfu_torch']:>12.3f}",
+        f"tokens/s ratio minielectra / pytorch: {d['ratio']:.2f}x",
+    ]
+    return "\n".join(rows)
