@@ -12,12 +12,11 @@ from minielectra.optim import _check_matching, no_decay
 
 
 @njit(cache=True, parallel=True)
-def _adamw_flat(p, g, m, v, lr, grad_scale, b1, b2, eps, wd):
-    one = p.dtype.type(1.0)
+def _adamw_flat(p, g, m, v, lr, grad_scale, b1, c1, b2, c2, eps, wd):
     for i in prange(p.size):  # each iteration owns element i
         gi = g[i] * grad_scale
-        mi = b1 * m[i] + (one - b1) * gi
-        vi = b2 * v[i] + (one - b2) * (gi * gi)
+        mi = b1 * m[i] + c1 * gi
+        vi = b2 * v[i] + c2 * (gi * gi)
         m[i] = mi
         v[i] = vi
         update = mi / (np.sqrt(vi) + eps) + wd * p[i]
@@ -33,6 +32,9 @@ def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
         t = p.dtype.type
         g = np.ascontiguousarray(grads[k], dtype=p.dtype)
         wd = 0.0 if no_decay(k) else config.weight_decay
+        b1, b2 = config.adam_beta1, config.adam_beta2
+        # 1 - beta is formed in float64 and rounded once, as the reference's Python scalars are: 1 - float32(0.999)
+        # would be off by 1e-5 relative.
         _adamw_flat(p.reshape(-1), g.reshape(-1), state.m[k].reshape(-1), state.v[k].reshape(-1), t(lr),
-                    t(grad_scale), t(config.adam_beta1), t(config.adam_beta2), t(config.adam_epsilon), t(wd))
+                    t(grad_scale), t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon), t(wd))
     state.step += 1
