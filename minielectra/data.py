@@ -12,7 +12,9 @@ Python standard library, which is real English on every machine that runs this c
 """
 
 import ast
+import contextlib
 import copy
+import csv
 import hashlib
 import io
 import os
@@ -21,6 +23,7 @@ import sysconfig
 import tokenize as py_tokenize
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -396,3 +399,319 @@ class Batches:
         self._new_order()  # redraws the saved epoch's order and leaves the generator where the saved one was
         self.epoch = state["epoch"]
         self._next = state["next_batch"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Labelled data for fine-tuning: GLUE-style TSV, CSV, plain "label<TAB>text"; label maps; pair encoding; GLUE download
+# ---------------------------------------------------------------------------------------------------------------------
+
+GLUE_SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+# Known GLUE tasks: where the download lands, and the columns of their TSVs (text a, text b or None, label).
+TASKS = {"sst2": {"url": GLUE_SST2_URL, "folder": "SST-2", "text": "sentence", "pair": None, "label": "label"}}
+# Header names recognised as the text column(s) of a GLUE-style TSV, tried in order.
+_TSV_TEXT_COLUMNS = (("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
+                     ("sentence", None), ("text", None))
+_MAX_BAD_ROWS_SHOWN = 10
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class LabelledData(NamedTuple):
+    """Rows of a labelled file: texts (and second texts for sentence pairs), raw label strings, and line numbers."""
+    texts: list  # str per row: sentence a
+    pairs: object  # list of str (sentence b) per row, or None for single sentences
+    labels: list  # str per row ('' never: a row without a label is a bad row)
+    lines: list  # 1-based line number of each row in its file, for error messages
+    source: str  # the file's path
+
+
+def _decode(path):
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"no data file at {path}: check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder: give a .tsv, .csv or .txt file (or a GLUE task folder with --task)") \
+            from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: byte offset {e.start} is not valid UTF-8 ({e.reason}); re-encode it as UTF-8") \
+            from None
+
+
+def _csv_rows(text, **fmt):
+    """(line number, fields) for every non-blank record. The text is read as a file opened with newline='', so records
+    end only at \\n, \\r\\n or \\r, never at U+0085, U+2028 or the other breaks str.splitlines() honours."""
+    reader = csv.reader(io.StringIO(text, newline=""), **fmt)
+    rows = []
+    start = 1
+    try:
+        for fields in reader:
+            if any(f.strip() for f in fields):
+                rows.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"line {reader.line_num}: {e}") from None
+    return rows
+
+
+def _bad_rows_error(path, bad, total):
+    shown = "; ".join(f"line {n}: {why}" for n, why in bad[:_MAX_BAD_ROWS_SHOWN])
+    more = f" (and {len(bad) - _MAX_BAD_ROWS_SHOWN} more)" if len(bad) > _MAX_BAD_ROWS_SHOWN else ""
+    return DataError(f"{path}: {len(bad)} of {total} rows are malformed: {shown}{more}. Fix or remove those lines")
+
+
+def _column(header, name, path, what):
+    """The index of column `name` (a header name, or a 0-based index given as an int or a digit string)."""
+    if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+        i = int(name)
+        if not 0 <= i < len(header):
+            raise DataError(f"{path}: the {what} column index {i} is outside the {len(header)} columns")
+        return i
+    if name not in header:
+        raise DataError(f"{path}: no {what} column {name!r}; the header has {', '.join(map(repr, header))}")
+    return header.index(name)
+
+
+def _rows_to_data(path, rows, header, text_col, pair_col, label_col):
+    ncols = len(header)
+    texts, pairs, labels, lines, bad = [], [] if pair_col is not None else None, [], [], []
+    for n, fields in rows:
+        if len(fields) != ncols:
+            bad.append((n, f"{len(fields)} columns, expected {ncols}"))
+            continue
+        label = fields[label_col].strip() if label_col is not None else ""
+        if label_col is not None and not label:
+            bad.append((n, "missing label"))
+            continue
+        texts.append(fields[text_col])
+        if pair_col is not None:
+            pairs.append(fields[pair_col])
+        labels.append(label)
+        lines.append(n)
+    if bad:
+        raise _bad_rows_error(path, bad, len(rows))
+    return LabelledData(texts, pairs, labels, lines, str(path))
+
+
+def read_glue_tsv(path, text_column=None, pair_column=None, label_column="label", require_labels=True):
+    """A GLUE-style TSV: a header row, tab-separated, quoting off (a `"` is an ordinary character, as GLUE ships it).
+
+    The text column(s) default to GLUE's names: sentence1/sentence2 (pairs), question1/question2, question/sentence,
+    sentence or text. Without a label column (GLUE's test files) labels are '' when require_labels is False.
+    """
+    rows = _csv_rows(_decode(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    if not rows:
+        raise DataError(f"{path} is empty: a GLUE-style TSV starts with a header row such as 'sentence<TAB>label'")
+    (_, header), rows = rows[0], rows[1:]
+    header = [h.strip() for h in header]
+    if text_column is None:
+        for a, b in _TSV_TEXT_COLUMNS:
+            if a in header and (b is None or b in header):
+                text_column, pair_column = a, b
+                break
+        else:
+            raise DataError(f"{path}: cannot tell the text column from the header {header}: expected 'sentence' (or "
+                            "'sentence1' and 'sentence2'); name it with --text-column")
+    text_col = _column(header, text_column, path, "text")
+    pair_col = None if pair_column is None else _column(header, pair_column, path, "second text")
+    if label_column in header or not isinstance(label_column, str) or label_column.isdigit() or require_labels:
+        label_col = _column(header, label_column, path, "label")
+    else:
+        label_col = None
+    return _rows_to_data(path, rows, header, text_col, pair_col, label_col)
+
+
+def read_csv_labelled(path, text_column="text", label_column="label", pair_column=None):
+    """A CSV with a header row and ordinary CSV quoting ("a, b" is one field; "" is a quote; fields may span lines)."""
+    rows = _csv_rows(_decode(path))
+    if not rows:
+        raise DataError(f"{path} is empty: a CSV needs a header row naming its text and label columns")
+    (_, header), rows = rows[0], rows[1:]
+    header = [h.strip() for h in header]
+    text_col = _column(header, text_column, path, "text")
+    pair_col = None if pair_column is None else _column(header, pair_column, path, "second text")
+    return _rows_to_data(path, rows, header, text_col, pair_col, _column(header, label_column, path, "label"))
+
+
+def read_plain_labelled(path):
+    """Headerless 'label<TAB>text' lines (the text may hold more tabs). Split on '\\n' only; a trailing '\\r' goes."""
+    text = _decode(path)
+    texts, labels, lines, bad, total = [], [], [], [], 0
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line[:-1] if line.endswith("\r") else line
+        if not line.strip():
+            continue
+        total += 1
+        label, tab, body = line.partition("\t")
+        if not tab:
+            bad.append((n, "no tab between label and text"))
+        elif not label.strip():
+            bad.append((n, "missing label"))
+        else:
+            texts.append(body)
+            labels.append(label.strip())
+            lines.append(n)
+    if bad:
+        raise _bad_rows_error(path, bad, total)
+    return LabelledData(texts, None, labels, lines, str(path))
+
+
+def _first_line(path):
+    text = _decode(path)
+    return text.split("\n", 1)[0].rstrip("\r")
+
+
+def detect_format(path):
+    """'csv' for .csv; 'tsv' (GLUE, with a header) when the first line's tab-separated fields include a known column
+    name such as 'label' or 'sentence'; otherwise 'plain' (label<TAB>text)."""
+    if Path(path).suffix.lower() == ".csv":
+        return "csv"
+    fields = {f.strip().lower() for f in _first_line(path).split("\t")}
+    known = {"label", "sentence", "sentence1", "sentence2", "question", "question1", "question2", "text"}
+    return "tsv" if fields & known else "plain"
+
+
+def read_labelled(path, fmt="auto", text_column=None, label_column=None, pair_column=None, require_labels=True):
+    """Rows of a labelled file in any of the three formats; fmt 'auto' | 'tsv' | 'csv' | 'plain' (see detect_format)."""
+    fmt = detect_format(path) if fmt in (None, "auto") else fmt
+    if fmt == "tsv":
+        return read_glue_tsv(path, text_column, pair_column, label_column or "label", require_labels)
+    if fmt == "csv":
+        return read_csv_labelled(path, text_column or "text", label_column or "label", pair_column)
+    if fmt == "plain":
+        return read_plain_labelled(path)
+    raise DataError(f"unknown data format {fmt!r}: choose auto, tsv, csv or plain")
+
+
+def _is_int(s):
+    return s.lstrip("-").isdigit() and s.count("-") <= 1
+
+
+def build_label_map(labels):
+    """The label names in id order: integers sorted by value ('0' < '1' < '10'), otherwise strings sorted."""
+    names = sorted(set(labels))
+    if names and all(_is_int(s) for s in names):
+        names.sort(key=int)
+    if len(names) < 2:
+        raise DataError(f"the training data has {len(names)} distinct label(s) {names}: classification needs at least 2")
+    return names
+
+
+def encode_labels(data: LabelledData, names):
+    """int64 label ids of data's rows under the label map `names`; an unknown label is an error that names its lines."""
+    index = {name: i for i, name in enumerate(names)}
+    # '1' and '01' or '1.0' are the same integer label; match by value when the map is integers
+    if all(_is_int(s) for s in names):
+        index.update({str(int(s)): i for s, i in list(index.items())})
+    ids, bad = [], []
+    for label, n in zip(data.labels, data.lines):
+        key = label if label in index or not _is_int(label) else str(int(label))
+        if key not in index:
+            bad.append((n, label))
+        else:
+            ids.append(index[key])
+    if bad:
+        shown = ", ".join(f"line {n}: {lab!r}" for n, lab in bad[:_MAX_BAD_ROWS_SHOWN])
+        raise DataError(f"{data.source}: {len(bad)} row(s) have a label the model was not trained with ({shown}); "
+                        f"the model knows {', '.join(map(repr, names))}")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def subset(data: LabelledData, rows):
+    """The rows of data at the given indices, in that order."""
+    pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+    return LabelledData(pick(data.texts), None if data.pairs is None else pick(data.pairs), pick(data.labels),
+                        pick(data.lines), data.source)
+
+
+def split_labelled(data: LabelledData, fraction, seed):
+    """(train, held_out): round(fraction * N) rows (at least 1) drawn by `seed` are held out, the rest train."""
+    n = len(data.texts)
+    n_out = max(1, round(n * fraction))
+    if n - n_out < 1:
+        raise DataError(f"{data.source} has {n} row(s): too few to hold out a validation split; pass --dev")
+    order = np.random.default_rng(seed).permutation(n)
+    return subset(data, sorted(order[n_out:])), subset(data, sorted(order[:n_out]))
+
+
+def truncate_pair(a, b, max_tokens):
+    """BERT's _truncate_seq_pair: drop the last token of the longer sequence (b on a tie) until both fit together."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > max_tokens:
+        if len(a) > len(b):
+            a.pop()
+        else:
+            b.pop()
+    return a, b
+
+
+def encode_texts(tokenizer, texts, pairs, seq_len):
+    """input_ids, attention_mask, token_type_ids (N, seq_len) int32 of `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`:
+    truncated to seq_len (the longer of a pair first), padded with [PAD] (mask 0); token type 0 for [CLS] a [SEP],
+    1 for b [SEP]."""
+    if seq_len < 3 + (pairs is not None):
+        raise ValueError(f"seq_len {seq_len} leaves no room for text between the special tokens")
+    n = len(texts)
+    input_ids = np.full((n, seq_len), tokenizer.pad_id, dtype=np.int32)
+    types = np.zeros((n, seq_len), dtype=np.int32)
+    mask = np.zeros((n, seq_len), dtype=np.int32)
+    encoded_a = tokenizer.encode_many(texts)
+    encoded_b = tokenizer.encode_many(pairs) if pairs is not None else None
+    for i, a in enumerate(encoded_a):
+        if encoded_b is None:
+            row, n_a = [tokenizer.cls_id, *a[:seq_len - 2], tokenizer.sep_id], None
+        else:
+            a, b = truncate_pair(a, encoded_b[i], seq_len - 3)
+            row = [tokenizer.cls_id, *a, tokenizer.sep_id, *b, tokenizer.sep_id]
+            n_a = len(a) + 2
+        input_ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+        if n_a is not None:
+            types[i, n_a:len(row)] = 1
+    return input_ids, mask, types
+
+
+def download_glue_task(task, cache_dir=None, timeout=DOWNLOAD_TIMEOUT_S):
+    """The folder of GLUE `task` (train.tsv, dev.tsv, ...), downloaded and unzipped into the cache the first time.
+
+    Offline, this is a DataError that says to pass --data.
+    """
+    import urllib.error
+    import urllib.request
+    import zipfile
+
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}: known tasks are {', '.join(TASKS)}; or give --data FILE")
+    spec = TASKS[task]
+    root = _cache_path(cache_dir, "glue")
+    folder = root / spec["folder"]
+    if (folder / "train.tsv").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    zip_path = root / f"{spec['folder']}.zip"
+    tmp = zip_path.with_name(zip_path.name + ".part")
+    try:
+        with urllib.request.urlopen(spec["url"], timeout=timeout) as response, open(tmp, "wb") as f:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+        os.replace(tmp, zip_path)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        reason = getattr(e, "reason", None) or e
+        raise DataError(f"could not download GLUE {task} from {spec['url']} ({reason}); offline, pass the data "
+                        f"yourself with --data (a train.tsv file or a folder holding one)") from None
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(root)  # the archive holds one folder, e.g. SST-2/
+    except zipfile.BadZipFile:
+        zip_path.unlink()
+        raise DataError(f"the download of {spec['url']} is not a zip file; try again, or pass --data") from None
+    if not (folder / "train.tsv").exists():
+        raise DataError(f"{zip_path} does not hold {spec['folder']}/train.tsv; pass --data instead")
+    return folder
