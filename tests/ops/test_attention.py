@@ -57,9 +57,9 @@ def mha_ref(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, mask, H):
     return np.concatenate(heads, axis=-1) @ Wo + bo
 
 
-def _mask(rng, B, T, full_pad):
+def _mask(rng, B, T, full_pad, min_real=1):
     mask = (rng.random((B, T)) < 0.7).astype(np.int64)
-    mask[:, 0] = 1
+    mask[:, :min_real] = 1
     if full_pad:
         mask[-1] = 0
     return mask
@@ -155,7 +155,7 @@ def test_grads_of_q_k_v(seed, B, H, T, D, scale, p_drop, masked, full_pad):
     # q and k stay O(1): saturated weights have gradients ~exp(-score spread), below the finite-difference noise floor
     q, k, v = _qkv(seed, B, H, T, D)
     v *= scale
-    mask = _mask(np.random.default_rng(seed), B, T, full_pad) if masked else None
+    mask = _mask(np.random.default_rng(seed), B, T, full_pad, min_real=2) if masked else None
 
     def forward(q, k, v):  # a fresh Generator per call: every probe sees the same dropout mask
         return attention_forward(q, k, v, mask, p_drop, np.random.default_rng(seed) if p_drop else None)
@@ -224,11 +224,13 @@ def test_attention_bad_input_names_the_argument():
 # mha --------------------------------------------------------------------------------------------------------------------
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 2), T=st.integers(1, 4), H=st.integers(1, 2),
-       D=st.integers(1, 3), full_pad=st.booleans(), p_drop=st.sampled_from([0.0, 0.2]))
+@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 2), T=st.integers(2, 4), H=st.integers(1, 2),
+       D=st.integers(2, 3), full_pad=st.booleans(), p_drop=st.sampled_from([0.0, 0.2]))
 def test_mha_grads_of_x_and_all_8_params(seed, B, T, H, D, full_pad, p_drop):
+    # At least two real keys and two channels: with one key (or a 1 x 1 Wk) the query/key gradients can be a single
+    # near-cancelling number below the finite difference's noise floor (T = 1, D = 1 are covered by the forward tests).
     inputs = _mha_inputs(seed, B, T, H, D)
-    inputs.update(mask=_mask(np.random.default_rng(seed), B, T, full_pad), n_heads=H, p_drop=p_drop)
+    inputs.update(mask=_mask(np.random.default_rng(seed), B, T, full_pad, min_real=2), n_heads=H, p_drop=p_drop)
 
     def forward(**kw):  # a fresh Generator per call
         return mha_forward(**kw, rng=np.random.default_rng(seed))

@@ -18,7 +18,8 @@ def assert_rows_ok(rows):
 
 # (scale of x, scale of W and b). Large and tiny magnitudes, but not both factors at 1000 at once: the centred
 # difference's rounding error is eps * |L| / h, and |L| ~ 1e6 would drown db (~1) at the 1e-6 level.
-SCALES = st.sampled_from([(1.0, 1.0), (1e-3, 1.0), (1000.0, 1.0), (1.0, 1000.0), (1e-3, 1e-3), (30.0, 30.0)])
+# Nor tiny x under O(1) W, b: then L ~ 1 while dW ~ 1e-3 * (a random sum that may cancel) nears the same floor.
+SCALES = st.sampled_from([(1.0, 1.0), (1000.0, 1.0), (1.0, 1000.0), (1e-3, 1e-3), (30.0, 30.0)])
 LEADING = st.lists(st.integers(1, 3), min_size=1, max_size=3)  # x is 2-D, 3-D or 4-D
 
 
