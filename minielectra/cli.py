@@ -1,11 +1,12 @@
-"""The `minielectra` command (also `python -m minielectra`): pretrain, gradcheck, bench.
+"""The `minielectra` command (also `python -m minielectra`): pretrain, finetune, evaluate, predict, gradcheck, bench.
 
-Every command takes --backend (numpy | numba | cupy | auto; default $MINIELECTRA_BACKEND or numpy) and prints the
-active backend first. Errors the user can fix (a bad config, a missing file, a corrupted checkpoint) are printed as
+Every command takes --backend (numpy | numba | cupy | auto; default $MINIELECTRA_BACKEND, else auto: the GPU if
+CuPy sees one, else the Numba kernels if installed, else the NumPy reference) and prints the active backend first. Errors the user can fix (a bad config, a missing file, a corrupted checkpoint) are printed as
 one line and exit with status 2, never as a traceback.
 """
 
 import argparse
+import os
 import sys
 
 from minielectra import backend, config as cfgmod
@@ -99,6 +100,60 @@ def cmd_bench(args):
     return 0
 
 
+def _add_reader_flags(p):
+    p.add_argument("--format", default=None, choices=("auto", "tsv", "csv", "plain"),
+                   help="tsv: GLUE-style with a header; csv: with a header, CSV quoting; plain: label<TAB>text lines")
+    p.add_argument("--text-column", default=None, help="column (header name or 0-based index) of the text")
+    p.add_argument("--pair-column", default=None, help="column of the second sentence, for sentence pairs")
+    p.add_argument("--label-column", default=None, help="column of the label (default 'label')")
+
+
+def _reader(args):
+    """Reader settings from the flags; None when none is given (then: the task's layout, or the model's saved one)."""
+    given = {k: getattr(args, k) for k in ("format", "text_column", "pair_column", "label_column")}
+    if all(v is None for v in given.values()):
+        return None
+    return {**given, "format": given["format"] or "auto"}
+
+
+def cmd_finetune(args):
+    from minielectra import finetune
+
+    model, tc = _configs(args)
+    model_fields = set(cfgmod.ElectraConfig.__dataclass_fields__)
+    overrides = {n: v for n, _, v in (s.partition("=") for s in args.set or []) if n in model_fields}
+    summary = finetune.finetune(args.out, data=args.data, task=args.task, dev=args.dev, init=args.init,
+                                model=None if args.init else model, train=tc, epochs=args.epochs,
+                                layer_decay=args.layer_decay, warmup_fraction=args.warmup_fraction,
+                                reader=_reader(args), max_rows=args.max_rows,
+                                model_overrides=overrides if args.init else None)
+    print(finetune.summary_line(summary))
+    return 0
+
+
+def cmd_evaluate(args):
+    from minielectra import finetune
+
+    data = args.data
+    if data is None:
+        if args.task is None:
+            raise FileNotFoundError("evaluate needs --data FILE (or --task sst2 for the GLUE SST-2 dev set)")
+        data = finetune.resolve_data(None, args.task)[1]
+    result = finetune.evaluate(args.model, data, reader=_reader(args), batch_size=args.batch)
+    print(finetune.format_evaluation(result))
+    return 0
+
+
+def cmd_predict(args):
+    from minielectra import finetune
+
+    model = finetune.load_classifier(args.model)
+    texts = args.sentences or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    for text, (label, prob, _) in zip(texts, finetune.predict(model, texts)):
+        print(f"{label}\t{prob:.4f}\t{text}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minielectra", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +182,41 @@ def build_parser():
     _add_backend(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("finetune", help="fine-tune a classifier (from a pre-training run, or random init)")
+    p.add_argument("--init", default=None, help="pre-training run folder; omit for a random init")
+    p.add_argument("--data", default=None, help="labelled training file, or a folder with train.tsv (and dev.tsv)")
+    p.add_argument("--task", default=None, choices=("sst2",), help="a GLUE task: its layout; downloaded without --data")
+    p.add_argument("--dev", default=None, help="validation file (default: dev.tsv beside train.tsv, else 10 %% of it)")
+    p.add_argument("--out", default="runs/finetune", help="model folder (the best epoch by validation accuracy)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (ELECTRA-Small: 3e-4)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example, [CLS] and [SEP] included")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer-decay", type=float, default=0.8, help="layer-wise lr decay (ELECTRA-Small: 0.8)")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up")
+    p.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of the training file")
+    p.add_argument("--config", default="tiny", help="model preset or JSON for a random init (ignored with --init)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a config field (repeatable)")
+    _add_reader_flags(p)
+    _add_backend(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="accuracy, F1 and confusion matrix of a fine-tuned model on labelled data")
+    p.add_argument("--model", required=True, help="a `minielectra finetune` output folder")
+    p.add_argument("--data", default=None, help="labelled file")
+    p.add_argument("--task", default=None, choices=("sst2",), help="without --data: the task's dev set")
+    p.add_argument("--batch", type=int, default=64)
+    _add_reader_flags(p)
+    _add_backend(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label and probability of each sentence (arguments, else stdin lines)")
+    p.add_argument("--model", required=True, help="a `minielectra finetune` output folder")
+    p.add_argument("sentences", nargs="*", help="sentences to classify; none: read one per line from stdin")
+    _add_backend(p)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("gradcheck", help="gradient-check every op and block; exit 0 only if all pass")
     _add_backend(p)
     p.set_defaults(func=cmd_gradcheck)
@@ -140,7 +230,7 @@ def main(argv=None):
     from minielectra.train import TrainingError
 
     try:
-        name = backend.set_backend(args.backend)
+        name = backend.set_backend(args.backend or os.environ.get("MINIELECTRA_BACKEND") or "auto")
         print(f"backend: {name}" + (f" (kernels: {', '.join(backend.kernel_names())})" if name != "numpy" else ""),
               flush=True)
         return args.func(args)
