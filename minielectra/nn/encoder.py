@@ -67,11 +67,8 @@ def encoder_shapes(prefix, d):
     return shapes
 
 
-def _p(train, p):
-    return p if train else 0.0
-
-
 def norm_forward(params, prefix, x, eps):
+    """LayerNorm with the `<prefix>.weight` / `<prefix>.bias` parameters, through the active backend."""
     return dispatch("layernorm_forward", x)(x, params[f"{prefix}.weight"], params[f"{prefix}.bias"], eps)
 
 
@@ -83,6 +80,7 @@ def norm_backward(dout, cache, grads, prefix):
 
 
 def dense_forward(params, prefix, x):
+    """The linear layer `<prefix>.weight` (in, out) / `<prefix>.bias`."""
     return linear_forward(x, params[f"{prefix}.weight"], params[f"{prefix}.bias"])
 
 
@@ -112,7 +110,7 @@ def embeddings_forward(params, prefix, input_ids, token_type_ids, d, train=False
     types, types_cache = embedding_forward(token_type_ids, params[f"{prefix}.token_type_embeddings.weight"])
     x = words + params[f"{prefix}.position_embeddings.weight"][:T] + types  # positions broadcast over B
     x, ln = norm_forward(params, f"{prefix}.LayerNorm", x, d.layer_norm_eps)
-    x, drop = dropout_forward(x, _p(train, d.hidden_dropout), rng, train)
+    x, drop = dropout_forward(x, d.hidden_dropout, rng, train)
     return x, EmbeddingsCache(words_cache, types_cache, ln, drop)
 
 
@@ -148,13 +146,13 @@ def layer_forward(params, prefix, x, mask, d, train=False, rng=None):
         P("attention.self.key.weight"), P("attention.self.key.bias"),
         P("attention.self.value.weight"), P("attention.self.value.bias"),
         P("attention.output.dense.weight"), P("attention.output.dense.bias"),
-        mask, d.num_heads, _p(train, d.attention_dropout), rng)  # (B, T, C)
-    att, attn_drop = dropout_forward(att, _p(train, d.hidden_dropout), rng, train)
+        mask, d.num_heads, d.attention_dropout if train else 0.0, rng)  # (B, T, C)
+    att, attn_drop = dropout_forward(att, d.hidden_dropout, rng, train)
     a, attn_ln = norm_forward(params, f"{prefix}.attention.output.LayerNorm", x + att, d.layer_norm_eps)
     h, inter = matmul_forward(a, P("intermediate.dense.weight"))  # (B, T, F)
     h, gelu = dispatch("bias_gelu_forward", h)(h, P("intermediate.dense.bias"))
     f, out = dense_forward(params, f"{prefix}.output.dense", h)  # (B, T, C)
-    f, out_drop = dropout_forward(f, _p(train, d.hidden_dropout), rng, train)
+    f, out_drop = dropout_forward(f, d.hidden_dropout, rng, train)
     y, out_ln = norm_forward(params, f"{prefix}.output.LayerNorm", a + f, d.layer_norm_eps)
     return y, LayerCache(attn, attn_drop, attn_ln, inter, gelu, out, out_drop, out_ln)
 

@@ -96,6 +96,10 @@ def mha_forward(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, mask=None, n_heads=1, p_drop=
     B, T, C = x.shape
     if n_heads < 1 or C % n_heads:
         raise ValueError(f"n_heads {n_heads} must divide the model width C = {C}")
+    for name, p in (("Wq", Wq), ("Wk", Wk), ("Wv", Wv), ("Wo", Wo)):  # named here: linear would only say "W"
+        checks.param(name, p, (C, C), "(C, C)")
+    for name, p in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)):
+        checks.param(name, p, (C,), "(C,)")
     q, q_cache = linear_forward(x, Wq, bq)  # (B, T, C)
     k, k_cache = linear_forward(x, Wk, bk)
     v, v_cache = linear_forward(x, Wv, bv)

@@ -51,6 +51,8 @@ def sigmoid_cross_entropy(logits, labels, weights=None):
     """
     checks.float_array("logits", logits)
     checks.shape("labels", labels, logits.shape, "like logits")
+    if labels.size and (float(labels.min()) < 0 or float(labels.max()) > 1):
+        raise ValueError(f"labels must lie in [0, 1] (1 = replaced), got values in [{labels.min()}, {labels.max()}]")
     xp = get_xp(logits)
     z = logits
     y = labels.astype(z.dtype, copy=False)

@@ -18,9 +18,11 @@ def _masked_scores(x, mask):
         return x
     xp = get_xp(x)
     try:
-        xp.broadcast_shapes(tuple(mask.shape), tuple(x.shape))
+        fits = xp.broadcast_shapes(tuple(mask.shape), tuple(x.shape)) == tuple(x.shape)
     except ValueError:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast against x {tuple(x.shape)}") from None
+        fits = False
+    if not fits:  # a mask may broadcast over x, never enlarge it
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
     if mask.dtype == bool:
         return xp.where(mask, x, -xp.inf)
     checks.float_array("mask", mask)

@@ -228,9 +228,6 @@ def test_bad_input_names_the_argument(forward):
         forward(np.zeros((2, 3), np.int64))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the mask is only checked to broadcast *together with* x, so a mask with "
-                   "extra or larger leading dims is accepted and silently enlarges the output past x's shape "
-                   "(x (2, 4), mask (3, 2, 4) -> probs (3, 2, 4)); the contract is x (..., N) -> (..., N)")
 @pytest.mark.parametrize("forward", [softmax_forward, log_softmax_forward])
 def test_mask_that_broadcasts_x_to_a_bigger_shape_is_rejected(forward):
     with pytest.raises(ValueError, match="mask"):
