@@ -262,7 +262,9 @@ print("saved", path)
 
 # %% [markdown]
 # In the picture, the lookups only touch the rows of ids that occur in the batch, while the LM head touches **every**
-# row: the softmax over the vocabulary pushes down every word it did not want, and pulls up the right one.
+# row: the softmax over the vocabulary pushes down every word it did not want, and pulls up the right one. The
+# generator's lookup is the faintest: its gradient comes only from the few masked positions' losses, through the
+# whole (narrow) generator, while the discriminator's comes from every token with weight 50.
 #
 # ## 4. The library's embedding op
 #
