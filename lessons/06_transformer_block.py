@@ -101,9 +101,12 @@ assert all(r.ok for r in rows)
 # ## 3. Post-LN vs pre-LN
 #
 # **Pre-LN** moves the norm inside the residual branch: `a = x + MHA(LN(x))`, `y = a + FFN(LN(a))`. The residual
-# stream `x -> a -> y` is never normalised: each layer *adds* its output to it. If every branch adds something of
-# roughly fixed size, the stream's variance grows by about that much per layer, so its std grows like `sqrt(depth)`
-# (pre-LN models therefore put one extra LayerNorm after the last layer). In **post-LN**, every layer ends with a
+# stream `x -> a -> y` is never normalised: each layer *adds* its output to it. The branch sees a normalised input, so
+# it adds something of roughly fixed size every layer. If those additions were independent of the stream, its
+# variance would grow by a fixed amount per layer and its std like `sqrt(depth)`. They are computed *from* the
+# stream, so they are not independent of it, and the curve below is closer to a straight line than to a square root.
+# Either way the stream grows steadily with depth and nothing brings it back (pre-LN models therefore put one extra
+# LayerNorm after the last layer). In **post-LN**, every layer ends with a
 # LayerNorm, so every layer's output has mean 0 and std 1 per token (times γ = 1, plus β = 0, at initialisation).
 #
 # Pre-LN's unnormalised skip path makes very deep models easier to train without a long warm-up; post-LN (BERT,
@@ -150,15 +153,13 @@ for i in range(depth_dims.num_layers):
     pre = pre_ln_layer_forward(stack, f"layer.{i}", pre, mask0, depth_dims)
     post_std.append(post.std())
     pre_std.append(pre.std())
-growth = (pre_std[-1] ** 2 - 1) / depth_dims.num_layers  # variance added per pre-LN layer, averaged over all 24
 for i in (0, 1, 2, 4, 8, 16, 24):
-    print(f"after layer {i:2d}: post-LN std {post_std[i]:.3f}   pre-LN std {pre_std[i]:.3f}   "
-          f"sqrt(1 + {growth:.2f} x {i:2d}) = {math.sqrt(1 + growth * i):.3f}")
+    print(f"after layer {i:2d}: post-LN std {post_std[i]:.3f}   pre-LN std {pre_std[i]:.3f}")
 
 fig, ax = plt.subplots(figsize=(6, 4))
 ax.plot(post_std, "o-", label="post-LN (BERT, ELECTRA):  LN(x + f(x))")
 ax.plot(pre_std, "s-", label="pre-LN:  x + f(LN(x))")
-ax.plot(np.sqrt(1 + growth * np.arange(len(pre_std))), "k:", label=f"sqrt(1 + {growth:.2f} x layers)")
+ax.plot(np.sqrt(1 + np.arange(len(pre_std))), "k:", label="sqrt(1 + layers): independent unit-size additions")
 ax.set_xlabel("layer")
 ax.set_ylabel("std of the activations")
 ax.set_title("The residual stream through 24 random layers")
