@@ -109,7 +109,8 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
         else:
             t1 = time.perf_counter()
             tok = datamod.train_or_load_tokenizer(docs, model.vocab_size, cache_dir)
-            _log(f"WordPiece vocab of {tok.vocab_size} tokens ({time.perf_counter() - t1:.1f} s, cached)")
+            _log(f"WordPiece vocab of {tok.vocab_size} tokens, trained on this corpus or read from the cache "
+                 f"({time.perf_counter() - t1:.1f} s)")
         model = with_tokenizer(model, tok).validate()
     ids = datamod.tokenize_corpus(docs, tok, cache_dir=cache_dir)
     input_ids, attention_mask = datamod.pack_sequences(ids, train.seq_len, tok.cls_id, tok.sep_id, tok.pad_id)

@@ -1,9 +1,11 @@
 """Softmax and log-softmax over the last axis, with an optional mask.
 
-The mask is either boolean (True = keep) or additive (0 = keep, -inf or a large negative number = drop), and
-broadcasts against x. Stability: subtract the row maximum before exp, so exp never overflows at +-1000. A fully masked
-row (every entry dropped, e.g. a query in a padding-only sequence) has no defined softmax; we define it as all zeros
-in the output and in the gradient, without producing NaN or a warning.
+The mask is either boolean (True = keep) or additive (0 = keep, -inf = drop), and broadcasts to x's shape.
+Stability: subtract the row maximum before exp, so exp never overflows at +-1000. A fully masked row (every entry
+dropped, e.g. a query in a padding-only sequence) has no defined softmax; we define it as all zeros in the output and
+in the gradient, without producing NaN or a warning. A finite additive mask (Hugging Face's -1e4 or float32 min) is
+just a shift: it makes dropped entries negligible in a mixed row, but a row shifted everywhere by the same amount is
+the softmax of its unshifted scores, not zeros. Use a boolean or -inf mask when rows can be fully masked.
 """
 
 from typing import NamedTuple
