@@ -1,0 +1,84 @@
+"""CUDA kernels for `minielectra.ops.layernorm` (layernorm_forward, layernorm_backward): launcher of layernorm.cu.
+
+One warp per row with warp-shuffle sums for the forward and dx; dgamma and dbeta as fixed per-block partial sums
+that are then summed (deterministic). The cache is the reference's LayerNormCache (xhat, rstd, gamma), so either
+backward accepts either forward's cache. float32 and float64.
+"""
+
+import numpy as np
+
+from kernels.cupy_gpu import _common
+from minielectra.ops import checks
+from minielectra.ops.layernorm import LAYER_NORM_EPS, LayerNormCache
+
+WARPS_PER_BLOCK = 4  # rows per block of the row kernels
+PARTIAL_THREADS = 256
+
+
+def check_forward(x, gamma, beta):
+    """The reference's argument checks -> (dtype, C). gamma and beta must be finite, as the reference requires."""
+    checks.float_array("x", x)
+    if x.ndim < 1:
+        raise ValueError("x must have shape (..., C), got a 0-d array")
+    C = x.shape[-1]
+    checks.param("gamma", gamma, (C,), "(C,)")
+    checks.param("beta", beta, (C,), "(C,)")
+    return _common.float_dtype(x, gamma, beta), C
+
+
+def layernorm_forward(x, gamma, beta, eps=LAYER_NORM_EPS):
+    """x (..., C), gamma (C,), beta (C,) -> (..., C)."""
+    dt, C = check_forward(x, gamma, beta)
+    if C == 0:  # nothing to normalise; the reference defines what happens
+        from minielectra.ops.layernorm import layernorm_forward as reference
+
+        return reference(x, gamma, beta, eps)
+    _common.require_device_arrays("layernorm_forward", "minielectra.ops.layernorm.layernorm_forward",
+                                  x=x, gamma=gamma, beta=beta)
+    xp = _common.runtime().xp
+    x2 = xp.ascontiguousarray(x, dtype=dt).reshape(-1, C)
+    gamma, beta = (xp.ascontiguousarray(a, dtype=dt) for a in (gamma, beta))
+    N = x2.shape[0]
+    y, xhat = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty((N,), dt)
+    if N:
+        _common.launch("layernorm", f"layernorm_forward_{_common.suffix(dt)}", (-(-N // WARPS_PER_BLOCK),),
+                       (32 * WARPS_PER_BLOCK,), (x2, gamma, beta, y, xhat, rstd, np.int64(N), np.int32(C), dt.type(eps)))
+    shape = tuple(x.shape)
+    return y.reshape(shape), LayerNormCache(xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,)), gamma)
+
+
+def check_backward(dout, cache):
+    xhat, rstd, gamma = cache
+    checks.float_array("dout", dout)
+    checks.shape("dout", dout, xhat.shape, "like the forward's x")
+    return _common.float_dtype(dout, xhat, rstd, gamma), xhat.shape[-1]
+
+
+def layernorm_backward(dout, cache):
+    """Inverts `out = xhat * gamma + beta`: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * gamma."""
+    dt, C = check_backward(dout, cache)
+    xhat, rstd, gamma = cache
+    if C == 0:
+        from minielectra.ops.layernorm import layernorm_backward as reference
+
+        return reference(dout, cache)
+    _common.require_device_arrays("layernorm_backward", "minielectra.ops.layernorm.layernorm_backward",
+                                  dout=dout, xhat=xhat, rstd=rstd, gamma=gamma)
+    xp = _common.runtime().xp
+    g2 = xp.ascontiguousarray(dout, dtype=dt).reshape(-1, C)
+    h2 = xp.ascontiguousarray(xhat, dtype=dt).reshape(-1, C)
+    r = xp.ascontiguousarray(rstd, dtype=dt).reshape(-1)
+    gamma = xp.ascontiguousarray(gamma, dtype=dt)
+    N = g2.shape[0]
+    dx = xp.empty_like(g2)
+    if not N:
+        return dx.reshape(dout.shape), xp.zeros((C,), dt), xp.zeros((C,), dt)
+    sfx = _common.suffix(dt)
+    _common.launch("layernorm", f"layernorm_backward_dx_{sfx}", (-(-N // WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,),
+                   (g2, h2, r, gamma, dx, np.int64(N), np.int32(C)))
+    P = _common.n_partials(N)
+    pg, pb = xp.empty((P, C), dt), xp.empty((P, C), dt)
+    _common.launch("layernorm", f"layernorm_backward_partials_{sfx}", (P, -(-C // PARTIAL_THREADS)),
+                   (PARTIAL_THREADS,), (g2, h2, pg, pb, np.int64(N), np.int32(C)))
+    return dx.reshape(dout.shape), pg.sum(axis=0), pb.sum(axis=0)

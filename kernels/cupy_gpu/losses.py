@@ -1,0 +1,83 @@
+"""CUDA kernels for `minielectra.ops.losses` (softmax_cross_entropy, sigmoid_cross_entropy): launcher of losses.cu.
+
+Same contract as the reference: weighted means sum(w * loss_i) / sum(w), (loss as a Python float, dlogits), 0 when
+every weight is 0, exact at logits of +-1000. Softmax cross-entropy runs one block per row (max, sum of exp and the
+gradient in three passes over the row, nothing (N, V)-sized besides dlogits); sigmoid cross-entropy is elementwise.
+The per-row losses are summed on the device and the total crosses to the host once, as the reference's float() does.
+float32 and float64.
+"""
+
+import numpy as np
+
+from kernels.cupy_gpu import _common
+from minielectra.ops import checks
+
+SOFTMAX_THREADS = 256  # LS_THREADS in losses.cu
+THREADS = 256
+
+
+def _weights(xp, name, weights, shape, dtype):
+    if weights is None:
+        return xp.ones(shape, dtype=dtype)
+    checks.shape(name, weights, shape, "like the targets")
+    return xp.ascontiguousarray(weights, dtype=dtype)
+
+
+def check_softmax(logits, targets, weights=None):
+    """The reference's checks, including the range of the targets (one device-to-host transfer, as the reference)."""
+    checks.float_array("logits", logits)
+    checks.ndim("logits", logits, 2, "(N, V)")
+    checks.int_array("targets", targets)
+    N, V = logits.shape
+    checks.shape("targets", targets, (N,), "(N,)")
+    if weights is not None:
+        checks.shape("weights", weights, (N,), "like the targets")
+    if N and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        raise ValueError(f"targets must lie in [0, {V}), got values in [{int(targets.min())}, {int(targets.max())}]")
+    return logits.dtype, N, V
+
+
+def softmax_cross_entropy(logits, targets, weights=None):
+    """logits (N, V), targets (N,) ints in [0, V), weights (N,) -> (loss, dlogits (N, V))."""
+    dt, N, V = check_softmax(logits, targets, weights)
+    _common.require_device_arrays("softmax_cross_entropy", "minielectra.ops.losses.softmax_cross_entropy",
+                                  logits=logits, targets=targets, weights=weights)
+    xp = _common.runtime().xp
+    x = xp.ascontiguousarray(logits)
+    t = xp.ascontiguousarray(targets, dtype=np.int64)
+    w = _weights(xp, "weights", weights, (N,), dt)
+    total = float(w.sum())
+    denom = total if total > 0 else 1.0
+    dlogits = xp.empty((N, V), dt)
+    rowloss = xp.zeros((N,), dt)
+    if N:
+        _common.launch("losses", f"softmax_cross_entropy_{_common.suffix(dt)}", (N,), (SOFTMAX_THREADS,),
+                       (x, t, w, dt.type(denom), dlogits, rowloss, np.int32(V)))
+    return float(-rowloss.sum()) / denom, dlogits
+
+
+def check_sigmoid(logits, labels, weights=None):
+    checks.float_array("logits", logits)
+    checks.shape("labels", labels, logits.shape, "like logits")
+    if weights is not None:
+        checks.shape("weights", weights, logits.shape, "like the targets")
+    return logits.dtype
+
+
+def sigmoid_cross_entropy(logits, labels, weights=None):
+    """logits (...), labels (...) in {0, 1}, weights (...) -> (loss, dlogits (...))."""
+    dt = check_sigmoid(logits, labels, weights)
+    _common.require_device_arrays("sigmoid_cross_entropy", "minielectra.ops.losses.sigmoid_cross_entropy",
+                                  logits=logits, labels=labels, weights=weights)
+    xp = _common.runtime().xp
+    z = xp.ascontiguousarray(logits)
+    y = xp.ascontiguousarray(labels, dtype=dt)
+    w = _weights(xp, "weights", weights, z.shape, dt)
+    total = float(w.sum())
+    denom = total if total > 0 else 1.0
+    dlogits, wloss = xp.empty_like(z), xp.zeros_like(z)
+    n = z.size
+    if n:
+        _common.launch("losses", f"sigmoid_cross_entropy_{_common.suffix(dt)}", (_common.blocks_for(n, THREADS),),
+                       (THREADS,), (z, y, w, dt.type(denom), dlogits, wloss, np.int64(n)))
+    return float(wloss.sum()) / denom, dlogits
