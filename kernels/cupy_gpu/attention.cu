@@ -9,7 +9,8 @@
 // index = ((bh * T) + i) * T + j and threshold = ceil(p * 2^24): the same pure function of (seed, bh, i, j) in the
 // forward and both backward kernels, so the gradient is exact for the mask used, and no mask is stored.
 //
-// Per-thread vectors have compile-time size MAXD (32, 64 or 128 >= D) so they live in registers.
+// Per-thread vectors have compile-time size MAXD (32, 64 or 128 >= D) so they live in registers; the loops over a
+// tile's rows stay rolled (#pragma unroll 1), which keeps NVRTC compile times in seconds.
 
 #ifndef ME_EMULATE
 #define ME_DEVICE __device__ __forceinline__
@@ -67,29 +68,22 @@ ME_DEVICE void attn_forward(const float* __restrict__ q, const float* __restrict
             valid[jj] = (j0 + jj < T) && keys[(long long)b * T + j0 + jj] != 0;
         __syncthreads();
         if (!row) continue;
-        float s[BC];
-        float mt = m;
-#pragma unroll
-        for (int jj = 0; jj < BC; ++jj) {
-            s[jj] = -ME_INF_F;
-            if (valid[jj]) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int d = 0; d < MAXD; ++d)
-                    if (d < D) dot += qr[d] * ks[jj * D + d];
-                s[jj] = dot * scale;
-                mt = fmaxf(mt, s[jj]);
-            }
-        }
-        if (mt == -ME_INF_F) continue;  // no real key yet
-        const float corr = expf(m - mt);  // 0 when m is still -inf
-        l *= corr;
-#pragma unroll
-        for (int d = 0; d < MAXD; ++d) o[d] *= corr;
-#pragma unroll
+#pragma unroll 1
         for (int jj = 0; jj < BC; ++jj) {
             if (!valid[jj]) continue;
-            const float p = expf(s[jj] - mt);
+            float dot = 0.0f;
+#pragma unroll
+            for (int d = 0; d < MAXD; ++d)
+                if (d < D) dot += qr[d] * ks[jj * D + d];
+            const float s = dot * scale;
+            if (s > m) {  // a new running max: rescale what was summed against the old one (0 while m was -inf)
+                const float corr = expf(m - s);
+                l *= corr;
+#pragma unroll
+                for (int d = 0; d < MAXD; ++d) o[d] *= corr;
+                m = s;
+            }
+            const float p = expf(s - m);
             l += p;
             float w = p;
             if (threshold) {
@@ -100,7 +94,6 @@ ME_DEVICE void attn_forward(const float* __restrict__ q, const float* __restrict
             for (int d = 0; d < MAXD; ++d)
                 if (d < D) o[d] += w * vs[jj * D + d];
         }
-        m = mt;
     }
     if (!row) return;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
@@ -143,6 +136,7 @@ ME_DEVICE void attn_backward_dq(const float* __restrict__ q, const float* __rest
             valid[jj] = (j0 + jj < T) && keys[(long long)b * T + j0 + jj] != 0;
         __syncthreads();
         if (!row) continue;
+#pragma unroll 1
         for (int jj = 0; jj < BC; ++jj) {
             if (!valid[jj]) continue;
             float s = 0.0f, dp = 0.0f;
@@ -206,6 +200,7 @@ ME_DEVICE void attn_backward_dkdv(const float* __restrict__ q, const float* __re
         }
         __syncthreads();
         if (!col) continue;
+#pragma unroll 1
         for (int ii = 0; ii < BC; ++ii) {
             const float L = ls[ii];
             if (L == ME_INF_F) continue;  // past T, or a fully masked query row
