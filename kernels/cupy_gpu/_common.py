@@ -86,16 +86,16 @@ def using(rt):
         _runtimes.remove(rt)
 
 
-def _dims(dims, what):
+def _dims(name, dims, what):
     dims = tuple(int(d) for d in dims)
     if not 1 <= len(dims) <= 3:
-        raise ValueError(f"{what} must have 1 to 3 dimensions, got {dims}")
+        raise ValueError(f"{name}: {what} must have 1 to 3 dimensions, got {dims}")
     return dims + (1,) * (3 - len(dims))
 
 
 def check_launch(name, grid, block, shared_mem=0):
     """(grid, block) as 3-tuples, after checking them against the CUDA limits; ValueError naming the kernel if not."""
-    grid, block = _dims(grid, "grid"), _dims(block, "block")
+    grid, block = _dims(name, grid, "grid"), _dims(name, block, "block")
     if any(g < 1 or g > m for g, m in zip(grid, MAX_GRID)):
         raise ValueError(f"{name}: grid {grid} outside the CUDA limits 1..{MAX_GRID}")
     if min(block) < 1 or math.prod(block) > MAX_THREADS_PER_BLOCK:
