@@ -1,0 +1,351 @@
+"""Every CUDA kernel of kernels/cupy_gpu against the NumPy reference (tolerance: numba_kernel_checks), float32 (and
+float64 where the kernel has it), on two runtimes:
+
+- "emulator": the same .cu sources and launchers on the CPU (kernels/cupy_gpu/emulator.py; needs g++). It checks the
+  kernels' indexing, tiling, masking, synchronisation and arithmetic on every machine, with few small examples since
+  each CUDA thread is an OS thread.
+- "cupy": a real GPU (@pytest.mark.gpu), skipped with a reason when minielectra.backend.gpu_usable() is False.
+
+Plus a whole pre-training step on CuPy arrays against the NumPy step (GPU only).
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels.cupy_gpu import _common
+from kernels.cupy_gpu import activations as kg
+from kernels.cupy_gpu import attention as ka
+from kernels.cupy_gpu import embedding as ke
+from kernels.cupy_gpu import layernorm as kl
+from kernels.cupy_gpu import losses as kls
+from kernels.cupy_gpu import optim as ko
+from minielectra import backend
+from minielectra import optim as ref_optim
+from minielectra.config import TrainConfig
+from minielectra.ops import activations as rg
+from minielectra.ops import attention as ra
+from minielectra.ops import embedding as re_
+from minielectra.ops import layernorm as rl
+from minielectra.ops import losses as rls
+from minielectra.ops.dropout import DropoutCache
+from minielectra.ops.softmax import SoftmaxCache
+from numba_kernel_checks import SEEDS, assert_close
+
+GPU = backend.gpu_usable()
+RUNTIMES = [
+    pytest.param("emulator", marks=pytest.mark.skipif(shutil.which("g++") is None,
+                                                      reason="the CPU emulator needs g++ (C++20)")),
+    pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no usable CUDA GPU: CuPy is "
+                                                                    "missing or sees no device")]),
+]
+
+# Few examples per runtime: each emulated CUDA thread is an OS thread. The parametrized awkward-size tests below cover
+# the tile and block boundaries deterministically.
+examples = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Runtime:
+    def __init__(self, name):
+        self.name = name
+        if name == "emulator":
+            from kernels.cupy_gpu.emulator import EmulatorRuntime
+
+            self.rt = EmulatorRuntime()
+        else:
+            self.rt = _common.CupyRuntime()
+
+    def __enter__(self):
+        self._ctx = _common.using(self.rt)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+    def dev(self, a):
+        return a if a is None or self.name == "emulator" else self.rt.xp.asarray(a)
+
+    @staticmethod
+    def host(a):
+        return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# ---- attention -------------------------------------------------------------------------------------------------
+
+def _attention_inputs(rng, dims, big):
+    B, H, T, D = dims
+    if big:  # scores exact in every summation order (see tests/kernels/test_attention.py)
+        q = np.round(rng.uniform(-1000, 1000, dims))
+        k = rng.integers(-1, 2, dims).astype(float)
+        v, dout = rng.standard_normal(dims) * 1000, rng.standard_normal(dims) * 1000
+    else:
+        q, k, v, dout = (rng.standard_normal(dims) for _ in range(4))
+    return [a.astype(np.float32) for a in (q, k, v, dout)]
+
+
+def _mask(rng, B, T, kind):
+    if kind == "none":
+        return None
+    lengths = rng.integers(0, T + 1, B)
+    if kind == "empty":
+        lengths[0] = 0
+    return (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
+
+
+def _reference_with_keep(q, k, v, mask, keep, p):
+    """The reference's forward and cache, with the kernels' keep mask in place of rng's."""
+    out, c = ra.attention_forward(q, k, v, mask)
+    if keep is None:
+        return out, c
+    scale = (keep.astype(np.float32) * np.float32(1.0 / (1.0 - p)))
+    c = ra.AttentionCache(c.q, c.k, c.v, c.probs, SoftmaxCache(c.probs), DropoutCache(scale), c.scale)
+    return (c.probs * scale) @ v, c
+
+
+def _floors(q, k, v, dout, c_ref):
+    Q, K, V, G = (np.abs(a.astype(np.float64)) for a in (q, k, v, dout))
+    P = c_ref.probs.astype(np.float64)
+    ks = 1.0 if c_ref.dropout.scale is None else c_ref.dropout.scale.astype(np.float64)
+    S = (Q @ K.swapaxes(-1, -2)) * c_ref.scale
+    m_probs = P * (S + (P * S).sum(-1, keepdims=True)) + P
+    dropped = m_probs * ks
+    m_dp = (G @ V.swapaxes(-1, -2)) * ks
+    m_ds = m_probs * (m_dp + (P * m_dp).sum(-1, keepdims=True)) * c_ref.scale
+    return {"probs": m_probs, "out": dropped @ V, "dv": dropped.swapaxes(-1, -2) @ G, "dq": m_ds @ K,
+            "dk": m_ds.swapaxes(-1, -2) @ Q}
+
+
+def _check_attention(r, seed, dims, big, mask_kind, p_drop, transposed=False):
+    rng = np.random.default_rng(seed)
+    q, k, v, dout = _attention_inputs(rng, dims, big)
+    mask = _mask(rng, dims[0], dims[2], mask_kind)
+    dq_, dk_, dv_ = (r.dev(a) for a in (q, k, v))
+    if transposed:  # the (B, T, H, D) -> (B, H, T, D) views mha_forward passes
+        dq_, dk_, dv_ = (a.swapaxes(1, 2).copy().swapaxes(1, 2) for a in (dq_, dk_, dv_))
+    out, c = ka.attention_forward(dq_, dk_, dv_, r.dev(mask), p_drop, np.random.default_rng(seed))
+    keep = None if c.keep is None else r.host(c.keep)
+    out_ref, c_ref = _reference_with_keep(q, k, v, mask, keep, p_drop)
+    f = _floors(q, k, v, dout, c_ref)
+    assert_close(r.host(c.probs), c_ref.probs, name="probs", floor=f["probs"])
+    assert_close(r.host(out), out_ref, name="out", floor=f["out"])
+    grads = ka.attention_backward(r.dev(dout), c)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ra.attention_backward(dout, c_ref)):
+        assert_close(r.host(got), want, name=name, floor=f[name])
+    return c
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 70),
+       D=st.integers(1, 17), big=st.booleans(), mask_kind=st.sampled_from(["none", "lengths", "empty"]))
+def test_attention_matches_reference(runtime, seed, B, H, T, D, big, mask_kind):
+    with Runtime(runtime) as r:
+        _check_attention(r, seed, (B, H, T, D), big, mask_kind, 0.0, transposed=bool(seed % 2))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("dims", [(1, 1, 1, 1), (2, 3, 1, 8), (1, 2, 33, 32), (1, 1, 65, 33), (1, 1, 40, 64),
+                                  (1, 1, 20, 100), (1, 1, 9, 128)])
+def test_attention_awkward_sizes(runtime, dims):
+    """T = 1, T across the 32-row tile and the 64-row block, every head-size instantiation (D = 32, 64, 128)."""
+    with Runtime(runtime) as r:
+        _check_attention(r, 7, dims, False, "lengths", 0.0)
+        _check_attention(r, 8, dims, True, "empty", 0.0)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("p_drop", [0.1, 0.5, 0.9])
+def test_attention_dropout_gradient_is_exact_for_the_kernels_mask(runtime, p_drop):
+    """The reference run with the kernel's own keep mask gives the kernel's output and gradients; the mask drops
+    about p of the weights, and the same seed gives the same mask."""
+    with Runtime(runtime) as r:
+        c = _check_attention(r, 11, (2, 2, 37, 8), False, "lengths", p_drop)
+        keep = r.host(c.keep)
+        assert abs(keep.mean() - (1 - p_drop)) < 0.05
+        c2 = _check_attention(r, 11, (2, 2, 37, 8), False, "lengths", p_drop)
+        np.testing.assert_array_equal(r.host(c2.keep), keep)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_fully_masked_sequence_gives_zero_weights_and_gradients(runtime):
+    with Runtime(runtime) as r:
+        rng = np.random.default_rng(3)
+        q, k, v, dout = _attention_inputs(rng, (2, 2, 5, 4), False)
+        mask = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+        out, c = ka.attention_forward(r.dev(q), r.dev(k), r.dev(v), r.dev(mask))
+        probs, out = r.host(c.probs), r.host(out)
+        assert np.all(probs[1] == 0) and np.all(out[1] == 0) and np.all(probs[0, :, :, 3:] == 0)
+        assert np.isinf(r.host(c.lse)[1]).all()
+        dq, dk, dv = (r.host(g) for g in ka.attention_backward(r.dev(dout), c))
+        assert np.all(dq[1] == 0) and np.all(dk[1] == 0) and np.all(dv[1] == 0)
+        assert np.all(dk[0, :, 3:] == 0) and np.all(dv[0, :, 3:] == 0)
+
+
+# ---- layer norm, bias + GELU, losses, embedding, AdamW ---------------------------------------------------------
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+ROWS = st.tuples(st.integers(0, 3), st.integers(1, 9))
+WIDTH = st.integers(1, 300)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, dtype=DTYPES, rows=ROWS, C=WIDTH, mag=st.sampled_from([1.0, 1000.0]))
+def test_layernorm_matches_reference(runtime, seed, dtype, rows, C, mag):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(rows + (C,)) * mag).astype(dtype)
+    g, b = (rng.standard_normal(C).astype(dtype) for _ in range(2))
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    with Runtime(runtime) as r:
+        y, c = kl.layernorm_forward(r.dev(x), r.dev(g), r.dev(b))
+        got = kl.layernorm_backward(r.dev(dout), c)
+    y_ref, c_ref = rl.layernorm_forward(x, g, b)
+    assert_close(r.host(y), y_ref, name="y")
+    assert_close(r.host(c.rstd), c_ref.rstd, name="rstd")
+    for name, a, w in zip(("dx", "dgamma", "dbeta"), got, rl.layernorm_backward(dout, c_ref)):
+        assert_close(r.host(a), w, name=name, k=16)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, dtype=DTYPES, rows=ROWS, F=WIDTH, mag=st.sampled_from([1.0, 1000.0]), approximate=st.booleans())
+def test_bias_gelu_matches_reference(runtime, seed, dtype, rows, F, mag, approximate):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(rows + (F,)) * mag).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    with Runtime(runtime) as r:
+        y, c = kg.bias_gelu_forward(r.dev(x), r.dev(b), approximate)
+        dx, db = kg.bias_gelu_backward(r.dev(dout), c)
+    y_ref, c_ref = rg.bias_gelu_forward(x, b, approximate)
+    dx_ref, db_ref = rg.bias_gelu_backward(dout, c_ref)
+    assert_close(r.host(y), y_ref, name="out")
+    assert_close(r.host(dx), dx_ref, name="dx")
+    # db sums dx over rows, each within the dx tolerance k eps (|dx| + max|dx|): that sum is db's floor
+    a = np.abs(dx_ref.astype(np.float64)).reshape(-1, F)
+    assert_close(r.host(db), db_ref, name="db", floor=a.sum(0) + a.shape[0] * (a.max() if a.size else 0))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, dtype=DTYPES, N=st.integers(0, 9), V=st.integers(1, 700), mag=st.sampled_from([1.0, 1000.0]),
+       weighting=st.sampled_from(["none", "random", "zeros"]))
+def test_softmax_cross_entropy_matches_reference(runtime, seed, dtype, N, V, mag, weighting):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((N, V)) * mag).astype(dtype)
+    targets = rng.integers(0, V, N)
+    w = {"none": None, "random": rng.random(N).astype(dtype), "zeros": np.zeros(N, dtype)}[weighting]
+    with Runtime(runtime) as r:
+        loss, d = kls.softmax_cross_entropy(r.dev(logits), r.dev(targets), r.dev(w))
+    loss_ref, d_ref = rls.softmax_cross_entropy(logits, targets, w)
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(loss_ref, rel=16 * np.finfo(dtype).eps * max(1, V), abs=1e-30)
+    assert_close(r.host(d), d_ref, name="dlogits")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, dtype=DTYPES, shape=st.tuples(st.integers(0, 4), st.integers(1, 70)),
+       mag=st.sampled_from([1.0, 1000.0]), weighted=st.booleans())
+def test_sigmoid_cross_entropy_matches_reference(runtime, seed, dtype, shape, mag, weighted):
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal(shape) * mag).astype(dtype)
+    y = rng.integers(0, 2, shape)
+    w = rng.random(shape).astype(dtype) if weighted else None
+    with Runtime(runtime) as r:
+        loss, d = kls.sigmoid_cross_entropy(r.dev(z), r.dev(y), r.dev(w))
+    loss_ref, d_ref = rls.sigmoid_cross_entropy(z, y, w)
+    assert loss == pytest.approx(loss_ref, rel=16 * np.finfo(dtype).eps * max(1, z.size), abs=1e-30)
+    assert_close(r.host(d), d_ref, name="dlogits")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, dtype=DTYPES, ids_shape=st.tuples(st.integers(0, 4), st.integers(1, 40)), V=st.integers(1, 30),
+       E=st.integers(1, 40))
+def test_embedding_backward_matches_reference(runtime, seed, dtype, ids_shape, V, E):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, ids_shape)
+    dout = (rng.standard_normal(ids_shape + (E,)) * 1000).astype(dtype)
+    with Runtime(runtime) as r:
+        got = ke.embedding_backward(r.dev(dout), re_.EmbeddingCache(r.dev(ids), (V, E)))
+    want = re_.embedding_backward(dout, re_.EmbeddingCache(ids, (V, E)))
+    floor = np.zeros((V, E))
+    np.add.at(floor, ids.reshape(-1), np.abs(dout.reshape(-1, E).astype(np.float64)))  # atomics: any order
+    assert_close(r.host(got), want, name="dtable", floor=floor)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, dtype=DTYPES, n=st.integers(0, 20000), scale=st.sampled_from([1.0, 0.37]),
+       mag=st.sampled_from([1.0, 1000.0]))
+def test_adamw_matches_reference(runtime, seed, dtype, n, scale, mag):
+    rng = np.random.default_rng(seed)
+    shapes = {"layer.dense.weight": (n, 3), "layer.dense.bias": (3,), "layer.LayerNorm.weight": (n,)}
+    params = {k: (rng.standard_normal(s) * mag).astype(dtype) for k, s in shapes.items()}
+    config = TrainConfig(weight_decay=0.1)
+    with Runtime(runtime) as r:
+        mine = {k: r.dev(v.copy()) for k, v in params.items()}
+        s_ref, s_ker = ref_optim.adamw_init(params), ref_optim.adamw_init(mine)
+        for _ in range(3):
+            grads = {k: (rng.standard_normal(s) * mag).astype(dtype) for k, s in shapes.items()}
+            ref_optim.adamw_step(params, grads, s_ref, 1e-2, config, grad_scale=scale)
+            ko.adamw_step(mine, {k: r.dev(g) for k, g in grads.items()}, s_ker, 1e-2, config, grad_scale=scale)
+    assert s_ker.step == s_ref.step == 3
+    for k in shapes:
+        assert_close(r.host(s_ker.m[k]), s_ref.m[k], name=f"m[{k}]")
+        assert_close(r.host(s_ker.v[k]), s_ref.v[k], name=f"v[{k}]")
+        assert_close(r.host(mine[k]), params[k], name=k)
+
+
+# ---- a whole training step on the GPU ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="no usable CUDA GPU: CuPy is missing or sees no device")
+def test_cupy_step_matches_numpy_step():
+    """Params, batch, grads and optimizer state on the GPU, under the cupy backend, against the NumPy step."""
+    import cupy
+
+    from minielectra import electra
+    from minielectra.config import ElectraConfig
+
+    config = ElectraConfig(vocab_size=500, embedding_size=32, hidden_size=48, num_hidden_layers=2,
+                           num_attention_heads=3, intermediate_size=96, generator_hidden_size=16,
+                           generator_num_attention_heads=1, generator_intermediate_size=64,
+                           max_position_embeddings=80)
+    params = electra.init_model(config, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, config.vocab_size, (4, 67))
+    ids[:, 0], ids[:, -1] = config.cls_token_id, config.sep_token_id
+    mask = np.ones_like(ids)
+    ids[3, 20:], mask[3, 20:] = config.pad_token_id, 0
+    ids[3, 19] = config.sep_token_id
+    train = False  # no dropout: the kernels' dropout mask differs from the reference's by design
+    ref_losses, ref_metrics, ref_grads = electra.loss_and_grads(params, (ids, mask), config,
+                                                                np.random.default_rng(3), train=train)
+    backend.set_backend("cupy")
+    try:
+        gparams = {k: cupy.asarray(p) for k, p in params.items()}
+        losses, metrics, grads = electra.loss_and_grads(gparams, (cupy.asarray(ids), cupy.asarray(mask)), config,
+                                                        np.random.default_rng(3), train=train)
+        state, gstate = ref_optim.adamw_init(params), ref_optim.adamw_init(gparams)
+        tc = TrainConfig()
+        ref_optim.adamw_step(params, ref_grads, state, 1e-3, tc)
+        assert backend.dispatch("adamw_step", next(iter(gparams.values()))) is ko.adamw_step
+        ko.adamw_step(gparams, grads, gstate, 1e-3, tc)
+    finally:
+        backend.set_backend("numpy")
+    for k in ref_losses:
+        assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5), k
+    assert metrics == pytest.approx(ref_metrics)
+    floor = 1e-6 * np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in ref_grads.values()))
+    for k in ref_grads:
+        g = grads[k]
+        assert isinstance(g, cupy.ndarray) and g.dtype == np.float32, k
+        err = np.linalg.norm((g.get() - ref_grads[k]).astype(np.float64))
+        assert err <= 1e-5 * (np.linalg.norm(ref_grads[k].astype(np.float64)) + floor), k
+        assert_close(gparams[k].get(), params[k], name=k, k=64)
