@@ -349,3 +349,51 @@ def test_cupy_step_matches_numpy_step():
         err = np.linalg.norm((g.get() - ref_grads[k]).astype(np.float64))
         assert err <= 1e-5 * (np.linalg.norm(ref_grads[k].astype(np.float64)) + floor), k
         assert_close(gparams[k].get(), params[k], name=k, k=64)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU emulator needs g++ (C++20)")
+def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch):
+    """Every dispatched op of a whole ELECTRA step routed to the kernels.cupy_gpu launchers on the CPU emulator:
+    checks that the launchers fit the model (views, shapes, caches, dtypes) the way the GPU run will use them."""
+    import importlib
+
+    from minielectra import electra
+    from minielectra.config import ElectraConfig
+
+    config = ElectraConfig(vocab_size=200, embedding_size=16, hidden_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=40, generator_hidden_size=8,
+                           generator_num_attention_heads=1, generator_intermediate_size=16,
+                           max_position_embeddings=40)
+    params = electra.init_model(config, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, config.vocab_size, (2, 19))
+    ids[:, 0], ids[:, -1] = config.cls_token_id, config.sep_token_id
+    mask = np.ones_like(ids)
+    ids[1, 12:], mask[1, 12:] = config.pad_token_id, 0
+    ids[1, 11] = config.sep_token_id
+    ref_losses, ref_metrics, ref_grads = electra.loss_and_grads(params, (ids, mask), config,
+                                                                np.random.default_rng(3), train=False)
+    used = set()
+
+    def dispatch(op, *arrays):
+        used.add(op)
+        return getattr(importlib.import_module("kernels.cupy_gpu." + backend._OP_MODULES[op].rsplit(".", 1)[1]), op)
+
+    for module in ("minielectra.electra", "minielectra.nn.encoder", "minielectra.nn.heads", "minielectra.ops.attention"):
+        m = importlib.import_module(module)
+        if hasattr(m, "dispatch"):
+            monkeypatch.setattr(m, "dispatch", dispatch)
+    with Runtime("emulator"):
+        losses, metrics, grads = electra.loss_and_grads(params, (ids, mask), config, np.random.default_rng(3),
+                                                        train=False)
+    assert {"attention_forward", "layernorm_forward", "bias_gelu_forward", "softmax_cross_entropy",
+            "sigmoid_cross_entropy", "embedding_backward"} <= used
+    for k in ref_losses:
+        assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5), k
+    assert metrics == pytest.approx(ref_metrics)
+    floor = 1e-6 * np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in ref_grads.values()))
+    for k in ref_grads:
+        assert grads[k].dtype == np.float32, k
+        err = np.linalg.norm((grads[k] - ref_grads[k]).astype(np.float64))
+        assert err <= 1e-5 * (np.linalg.norm(ref_grads[k].astype(np.float64)) + floor), k
