@@ -37,7 +37,8 @@ def linear_forward(x, W, b):
     """x (..., C) @ W (C, OC) + b (OC,) -> (..., OC)."""
     out, cache = matmul_forward(x, W)
     checks.param("b", b, (W.shape[1],), "(OC,)")
-    return out + b, cache  # (..., OC)
+    out += b  # in place: the matmul's result is a fresh array, and a second (..., OC) temporary would cost a pass
+    return out, cache  # (..., OC)
 
 
 def linear_backward(dout, cache):
