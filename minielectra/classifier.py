@@ -159,12 +159,13 @@ def probabilities(logits):
 
 
 def layer_depths(params, num_layers):
-    """{name: depth} for layer-wise learning-rate decay: embeddings (and embeddings_project) 0, encoder layer i at
-    i + 1, the head at num_layers + 1."""
+    """{name: depth} for layer-wise learning-rate decay, as the official code's `_get_layer_lrs`: embeddings (and
+    embeddings_project) 0, encoder layer i at i + 1, the task head at num_layers + 2 (one above BERT's pooler, a
+    depth ELECTRA keeps though nothing sits there)."""
     depths = {}
     for k in params:
         if k.startswith(f"{HEAD}."):
-            depths[k] = num_layers + 1
+            depths[k] = num_layers + 2
         elif k.startswith(f"{ENCODER}.encoder.layer."):
             depths[k] = int(k[len(f"{ENCODER}.encoder.layer."):].split(".")[0]) + 1
         else:
@@ -173,12 +174,11 @@ def layer_depths(params, num_layers):
 
 
 def layer_lr_scales(params, num_layers, decay):
-    """{name: lr multiplier} = decay ** (num_layers + 1 - depth): the head 1, encoder layer L-1 decay, layer i
-    decay^(L - i), layer 0 decay^L, the embeddings decay^(L + 1).
+    """{name: lr multiplier} = decay ** (num_layers + 2 - depth), exactly the official code: the head 1, encoder
+    layer i decay^(L + 1 - i), the embeddings decay^(L + 2).
 
     Layers nearer the input change less, since what they learned in pre-training is the most general (Clark et al.
-    2020, section 3.3 and appendix). The official code's `_get_layer_lrs` puts the head at depth L + 2, one above a
-    depth nothing uses (BERT's pooler), so there every encoder rate is one more factor `decay` smaller than here.
+    2020, appendix: layer-wise learning-rate decay, 0.8 for ELECTRA-Small).
     """
     depths = layer_depths(params, num_layers)
-    return {k: float(decay) ** (num_layers + 1 - depth) for k, depth in depths.items()}
+    return {k: float(decay) ** (num_layers + 2 - depth) for k, depth in depths.items()}

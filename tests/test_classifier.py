@@ -118,8 +118,9 @@ def test_bad_inputs_are_clear_errors():
 def test_layer_lr_scales():
     params = K.init_classifier(SMALL, 2, np.random.default_rng(0))
     s = K.layer_lr_scales(params, SMALL.num_hidden_layers, 0.8)
+    # the official _get_layer_lrs with 2 layers: head depth 4, layer i depth i + 1, embeddings depth 0
     assert s["classifier.out_proj.weight"] == 1.0
-    assert s["discriminator.electra.encoder.layer.1.output.dense.weight"] == pytest.approx(0.8)
-    assert s["discriminator.electra.encoder.layer.0.output.dense.weight"] == pytest.approx(0.64)
-    assert s["discriminator.electra.embeddings.word_embeddings.weight"] == pytest.approx(0.8 ** 3)
-    assert s["discriminator.electra.embeddings_project.weight"] == pytest.approx(0.8 ** 3)
+    assert s["discriminator.electra.encoder.layer.1.output.dense.weight"] == pytest.approx(0.8 ** 2)
+    assert s["discriminator.electra.encoder.layer.0.output.dense.weight"] == pytest.approx(0.8 ** 3)
+    assert s["discriminator.electra.embeddings.word_embeddings.weight"] == pytest.approx(0.8 ** 4)
+    assert s["discriminator.electra.embeddings_project.weight"] == pytest.approx(0.8 ** 4)
