@@ -74,7 +74,8 @@ def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
     def step():
         losses, _, grads = electra.loss_and_grads(params, batch, config, rng, train=True)
         _, scale = clip_scale(grads, train.max_grad_norm)
-        dispatch("adamw_step")(params, grads, state, learning_rate(counter[0], train), train, grad_scale=scale)
+        dispatch("adamw_step", params[electra.WORDS])(params, grads, state, learning_rate(counter[0], train), train,
+                                                         grad_scale=scale)
         counter[0] += 1
         return losses["loss"]
 

@@ -162,7 +162,7 @@ def _grouped_adamw(params, grads, state, lr, tc, scales, grad_scale):
     groups = {}
     for k, s in scales.items():
         groups.setdefault(s, []).append(k)
-    step = dispatch("adamw_step")
+    step = dispatch("adamw_step", next(iter(params.values())))
     for s, keys in groups.items():
         sub = AdamWState({k: state.m[k] for k in keys}, {k: state.v[k] for k in keys}, state.step)
         step({k: params[k] for k in keys}, {k: grads[k] for k in keys}, sub, lr * s, tc, grad_scale=grad_scale)

@@ -160,7 +160,7 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
                     f"The last good checkpoint is kept in {path}: lower --lr or raise warmup_steps and resume or "
                     "restart")
             lr = learning_rate(step, train)
-            dispatch("adamw_step")(params, grads, state, lr, train, grad_scale=scale)
+            dispatch("adamw_step", params[electra.WORDS])(params, grads, state, lr, train, grad_scale=scale)
             step += 1
             tokens += batch[0].size
             tok_s = tokens / (time.perf_counter() - t_start)
