@@ -74,15 +74,7 @@ class FlashAttentionCache(NamedTuple):
 
 def check_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     """The reference's argument checks (no GPU needed) -> (B, H, T, D, use_kernel)."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        checks.float_array(name, a)
-        checks.ndim(name, a, 4, "(B, H, T, D)")
-    checks.shape("k", k, q.shape, "(B, H, T, D) like q")
-    checks.shape("v", v, q.shape, "(B, H, T, D) like q")
-    B, H, T, D = q.shape
-    if mask is not None and tuple(mask.shape) != (B, T):
-        raise ValueError(f"attention mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
-    checks.probability("p", p_drop)
+    B, H, T, D = _reference.check_attention_args(q, k, v, mask, p_drop)
     if p_drop > 0 and not isinstance(rng, np.random.Generator):
         raise TypeError("dropout needs an explicit numpy.random.Generator as rng (np.random.default_rng(seed))")
     use_kernel = _common.float_dtype(q, k, v) == np.float32 and 1 <= D <= MAX_DS[-1]

@@ -11,6 +11,7 @@ import numpy as np
 
 from kernels.cupy_gpu import _common
 from minielectra.ops import checks
+from minielectra.ops.losses import check_sigmoid_ce_args, check_softmax_ce_args
 
 SOFTMAX_THREADS = 256  # LS_THREADS in losses.cu
 THREADS = 256
@@ -25,15 +26,7 @@ def _weights(xp, name, weights, shape, dtype):
 
 def check_softmax(logits, targets, weights=None):
     """The reference's checks, including the range of the targets (one device-to-host transfer, as the reference)."""
-    checks.float_array("logits", logits)
-    checks.ndim("logits", logits, 2, "(N, V)")
-    checks.int_array("targets", targets)
-    N, V = logits.shape
-    checks.shape("targets", targets, (N,), "(N,)")
-    if weights is not None:
-        checks.shape("weights", weights, (N,), "like the targets")
-    if N and (int(targets.min()) < 0 or int(targets.max()) >= V):
-        raise ValueError(f"targets must lie in [0, {V}), got values in [{int(targets.min())}, {int(targets.max())}]")
+    N, V = check_softmax_ce_args(logits, targets, weights)
     return logits.dtype, N, V
 
 
@@ -57,10 +50,7 @@ def softmax_cross_entropy(logits, targets, weights=None):
 
 
 def check_sigmoid(logits, labels, weights=None):
-    checks.float_array("logits", logits)
-    checks.shape("labels", labels, logits.shape, "like logits")
-    if weights is not None:
-        checks.shape("weights", weights, logits.shape, "like the targets")
+    check_sigmoid_ce_args(logits, labels, weights)
     return logits.dtype
 
 

@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from kernels.numba_cpu._common import float_dtype
 from minielectra.ops import checks
-from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, key_mask
+from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask
 
 
 _blas_controller = []
@@ -127,13 +127,7 @@ def _backward(dout, q, k, v, probs, keep, use_drop, c, dq, dk, dv):
 
 def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     """q, k, v (B, H, T, D), mask (B, T) nonzero at real tokens -> (B, H, T, D). Dropout on the weights when p_drop > 0."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        checks.float_array(name, a)
-        checks.ndim(name, a, 4, "(B, H, T, D)")
-    checks.shape("k", k, q.shape, "(B, H, T, D) like q")
-    checks.shape("v", v, q.shape, "(B, H, T, D) like q")
-    checks.probability("p", p_drop)
-    B, H, T, D = q.shape
+    B, H, T, D = check_attention_args(q, k, v, mask, p_drop)
     dt = float_dtype(q, k, v)
     scale = 1.0 / math.sqrt(D)
     km = key_mask(mask, B, T)

@@ -13,9 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import float_dtype
-from minielectra.ops import checks
-from minielectra.ops.losses import _weights
+from minielectra.ops.losses import as_weights, check_sigmoid_ce_args, check_softmax_ce_args
 
 
 @njit(cache=True, parallel=True)
@@ -58,16 +56,10 @@ def softmax_cross_entropy(logits, targets, weights=None):
 
     loss_i = -log softmax(logits_i)[targets_i]; dloss_i/dlogits_i = softmax(logits_i) - onehot(targets_i).
     """
-    checks.float_array("logits", logits)
-    checks.ndim("logits", logits, 2, "(N, V)")
-    checks.int_array("targets", targets)
-    N, V = logits.shape
-    checks.shape("targets", targets, (N,), "(N,)")
-    if N and (int(targets.min()) < 0 or int(targets.max()) >= V):
-        raise ValueError(f"targets must lie in [0, {V}), got values in [{int(targets.min())}, {int(targets.max())}]")
+    N, V = check_softmax_ce_args(logits, targets, weights)
     dt = logits.dtype
     x = np.ascontiguousarray(logits)
-    w = np.ascontiguousarray(_weights("weights", weights, (N,), np, dt))
+    w = np.ascontiguousarray(as_weights(weights, (N,), np, dt))
     total = float(w.sum())
     denom = total if total > 0 else 1.0
     wlogp = np.empty(N, dt)
@@ -83,12 +75,11 @@ def sigmoid_cross_entropy(logits, labels, weights=None):
     loss_i = -[y log s(z) + (1 - y) log(1 - s(z))], written as max(z, 0) - z y + log(1 + exp(-|z|)) so it never
     overflows; dloss_i/dz = s(z) - y.
     """
-    checks.float_array("logits", logits)
-    checks.shape("labels", labels, logits.shape, "like logits")
+    check_sigmoid_ce_args(logits, labels, weights)
     dt = logits.dtype
     z = np.ascontiguousarray(logits).reshape(-1)
     y = np.ascontiguousarray(labels, dtype=dt).reshape(-1)
-    w = np.ascontiguousarray(_weights("weights", weights, logits.shape, np, dt)).reshape(-1)
+    w = np.ascontiguousarray(as_weights(weights, logits.shape, np, dt)).reshape(-1)
     total = float(w.sum())
     denom = total if total > 0 else 1.0
     wper = np.empty(z.shape, dt)

@@ -11,7 +11,7 @@ Mask: a padded key must get no weight from any query; padded queries still compu
 import math
 from typing import NamedTuple
 
-from minielectra.backend import dispatch, get_xp
+from minielectra.backend import dispatch
 from minielectra.ops import checks
 from minielectra.ops.dropout import dropout_backward, dropout_forward
 from minielectra.ops.linear import linear_backward, linear_forward
@@ -37,14 +37,23 @@ class AttentionCache(NamedTuple):
     scale: float  # 1 / sqrt(D)
 
 
-def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
-    """q, k, v (B, H, T, D), mask (B, T) nonzero at real tokens -> (B, H, T, D). Dropout on the weights when p_drop > 0."""
+def check_attention_args(q, k, v, mask=None, p_drop=0.0):
+    """attention_forward's argument checks, shared with the kernels that replace it -> (B, H, T, D)."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         checks.float_array(name, a)
         checks.ndim(name, a, 4, "(B, H, T, D)")
     checks.shape("k", k, q.shape, "(B, H, T, D) like q")
     checks.shape("v", v, q.shape, "(B, H, T, D) like q")
     B, H, T, D = q.shape
+    if mask is not None:
+        checks.shape("attention mask", mask, (B, T), "(B, T)")
+    checks.probability("p_drop", p_drop)
+    return B, H, T, D
+
+
+def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
+    """q, k, v (B, H, T, D), mask (B, T) nonzero at real tokens -> (B, H, T, D). Dropout on the weights when p_drop > 0."""
+    B, H, T, D = check_attention_args(q, k, v, mask, p_drop)
     scale = 1.0 / math.sqrt(D)
     scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)  # (B, H, T, T)
     probs, sm_cache = softmax_forward(scores, key_mask(mask, B, T))  # (B, H, T, T)

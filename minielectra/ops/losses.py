@@ -11,18 +11,13 @@ from minielectra.ops import checks
 from minielectra.ops.softmax import log_softmax_forward
 
 
-def _weights(name, weights, shape, xp, dtype):
-    if weights is None:
-        return xp.ones(shape, dtype=dtype)
-    checks.shape(name, weights, shape, "like the targets")
-    return weights.astype(dtype, copy=False)
+def as_weights(weights, shape, xp, dtype):
+    """The loss weights as `dtype`, all ones when None (shape already checked)."""
+    return xp.ones(shape, dtype=dtype) if weights is None else weights.astype(dtype, copy=False)
 
 
-def softmax_cross_entropy(logits, targets, weights=None):
-    """logits (N, V), targets (N,) ints in [0, V), weights (N,) -> (loss, dlogits (N, V)).
-
-    loss_i = -log softmax(logits_i)[targets_i]; dloss_i/dlogits_i = softmax(logits_i) - onehot(targets_i).
-    """
+def check_softmax_ce_args(logits, targets, weights=None):
+    """softmax_cross_entropy's argument checks, shared with the kernels that replace it -> (N, V)."""
     checks.float_array("logits", logits)
     checks.ndim("logits", logits, 2, "(N, V)")
     checks.int_array("targets", targets)
@@ -30,8 +25,29 @@ def softmax_cross_entropy(logits, targets, weights=None):
     checks.shape("targets", targets, (N,), "(N,)")
     if N and (int(targets.min()) < 0 or int(targets.max()) >= V):
         raise ValueError(f"targets must lie in [0, {V}), got values in [{int(targets.min())}, {int(targets.max())}]")
+    if weights is not None:
+        checks.shape("weights", weights, (N,), "(N,) like the targets")
+    return N, V
+
+
+def check_sigmoid_ce_args(logits, labels, weights=None):
+    """sigmoid_cross_entropy's argument checks, shared with the kernels that replace it."""
+    checks.float_array("logits", logits)
+    checks.shape("labels", labels, logits.shape, "like logits")
+    if labels.size and (float(labels.min()) < 0 or float(labels.max()) > 1):
+        raise ValueError(f"labels must lie in [0, 1] (1 = replaced), got values in [{labels.min()}, {labels.max()}]")
+    if weights is not None:
+        checks.shape("weights", weights, logits.shape, "like logits")
+
+
+def softmax_cross_entropy(logits, targets, weights=None):
+    """logits (N, V), targets (N,) ints in [0, V), weights (N,) -> (loss, dlogits (N, V)).
+
+    loss_i = -log softmax(logits_i)[targets_i]; dloss_i/dlogits_i = softmax(logits_i) - onehot(targets_i).
+    """
+    N, V = check_softmax_ce_args(logits, targets, weights)
     xp = get_xp(logits)
-    w = _weights("weights", weights, (N,), xp, logits.dtype)
+    w = as_weights(weights, (N,), xp, logits.dtype)
     logp, cache = log_softmax_forward(logits)  # (N, V)
     rows = xp.arange(N)
     total = float(w.sum())
@@ -49,14 +65,11 @@ def sigmoid_cross_entropy(logits, labels, weights=None):
     loss_i = -[y log s(z) + (1 - y) log(1 - s(z))], written as max(z, 0) - z y + log(1 + exp(-|z|)) so it never
     overflows; dloss_i/dz = s(z) - y.
     """
-    checks.float_array("logits", logits)
-    checks.shape("labels", labels, logits.shape, "like logits")
-    if labels.size and (float(labels.min()) < 0 or float(labels.max()) > 1):
-        raise ValueError(f"labels must lie in [0, 1] (1 = replaced), got values in [{labels.min()}, {labels.max()}]")
+    check_sigmoid_ce_args(logits, labels, weights)
     xp = get_xp(logits)
     z = logits
     y = labels.astype(z.dtype, copy=False)
-    w = _weights("weights", weights, z.shape, xp, z.dtype)
+    w = as_weights(weights, z.shape, xp, z.dtype)
     e = xp.exp(-xp.abs(z))  # in (0, 1]: the only exp taken
     per = xp.maximum(z, 0) - z * y + xp.log1p(e)
     sig = xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(z), stable on both sides
