@@ -6,6 +6,7 @@ interpreter with `-W error` (so a lesson that starts warning fails here, as the 
 the library agrees with the inline version, so exit status 0 is the test.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def run_lesson(path, **env):
 
 def test_the_lessons_are_all_here():
     names = [p.name[:2] for p in LESSONS]
-    assert names[:10] == [f"{i:02d}" for i in range(10)], names
+    assert names[:13] == [f"{i:02d}" for i in range(13)], names
 
 
 @pytest.mark.parametrize("path", QUICK, ids=[p.stem for p in QUICK])
@@ -46,3 +47,28 @@ def test_pretrain_lesson_runs(tmp_path):
                         MINIELECTRA_CACHE=str(tmp_path / "cache"))
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
     assert "finished:" in result.stdout
+
+
+@pytest.mark.slow
+def test_finetune_lesson_runs(tmp_path):
+    """Lesson 10 on its toy data for one epoch, from a random init (the test must not depend on a lesson-09 run)."""
+    path = ROOT / "lessons" / "10_finetune_sentiment.py"
+    result = run_lesson(path, LESSON_EPOCHS="1", LESSON_OUT=str(tmp_path / "run"), LESSON_INIT="none",
+                        MINIELECTRA_CACHE=str(tmp_path / "cache"), MINIELECTRA_BACKEND="numpy")
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert "confusion matrix" in result.stdout and "saved lessons/figures/10_finetune_sentiment/" in result.stdout
+
+
+@pytest.mark.numba
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+def test_numba_lesson_runs():
+    result = run_lesson(ROOT / "lessons" / "11_numba_kernels.py")
+    assert "agree with the reference" in result.stdout and "saved lessons/figures/11_numba_kernels/" in result.stdout
+
+
+def test_cuda_lesson_runs():
+    """Lesson 12 runs everywhere: on a GPU it checks the kernel; without one it compiles (if nvcc is there) and
+    emulates (if g++ is there), and otherwise explains."""
+    result = run_lesson(ROOT / "lessons" / "12_cuda_kernels.py")
+    assert "tiled online softmax == reference" in result.stdout
+    assert "saved lessons/figures/12_cuda_kernels/" in result.stdout

@@ -1,0 +1,244 @@
+# %% [markdown]
+# # 11 · Numba kernels: fusing the small ops
+#
+# Every op of lessons 01–08 was written as a few lines of NumPy, one array expression per formula. That is the
+# clearest way to write them, and the matrix products (the FLOPs) are already as fast as BLAS makes them. What is slow
+# is everything **between** the matrix products: layer norm, bias + GELU, the softmax of attention, the losses. Each
+# NumPy expression reads its inputs from memory and writes a new array, so a five-line formula walks over memory ten
+# times for a handful of FLOPs per element. A **kernel** does the whole formula in one loop, one element (or one row)
+# at a time, while the numbers are still in registers and cache.
+#
+# **You will learn**
+# - to count the memory passes of a reference op and of its fused kernel, and why that count, not the FLOPs, sets
+#   their speed;
+# - how the Numba attention kernel is organised: one parallel iteration per (batch, head), a stable masked softmax in
+#   place, dropout drawn exactly as the reference draws it, single-threaded BLAS inside the parallel loop;
+# - why `kernels.numba_cpu` sets `OMP_WAIT_POLICY=PASSIVE`;
+# - how to check a float32 kernel against the reference, and how to time it (`minielectra.bench.bench_ops`).
+#
+# Needs the `numba` extra (`pip install -e '.[numba]'`); without it the lesson says so and stops.
+#
+# Run it: `python lessons/11_numba_kernels.py` (seconds once the kernels are compiled and cached; the first run
+# compiles them, which can take a minute).
+
+# %%
+import os
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+try:
+    import numba
+except ImportError:
+    print("numba is not installed: this lesson needs it (pip install -e '.[numba]'). Nothing to run.")
+    sys.exit(0)
+
+import kernels.numba_cpu  # noqa: F401  sets OMP_WAIT_POLICY before any parallel kernel runs (section 4)
+from kernels.numba_cpu import activations as k_act
+from kernels.numba_cpu import attention as k_attn
+from kernels.numba_cpu import layernorm as k_ln
+from minielectra import backend, bench, config
+from minielectra.ops import activations as ref_act
+from minielectra.ops import attention as ref_attn
+from minielectra.ops import layernorm as ref_ln
+
+FIG_DIR = Path("lessons/figures/11_numba_kernels")
+FIG_DIR.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(0)
+print(f"numba {numba.__version__}, {numba.get_num_threads()} threads")
+
+# %% [markdown]
+# ## 1. Count the memory passes
+#
+# Take bias + GELU, `out = gelu(x + b)` on x of shape (N, F). The reference (lesson 03) is
+#
+# ```
+# h = x + b                        read x,       write h
+# t = h / sqrt(2)                  read h,       write t
+# t = erf(t)                       read t,       write t
+# t = 1 + t;  s = 0.5 * t          read, write;  read, write      s = Phi(h), kept for the backward
+# out = h * s                      read h and s, write out
+# ```
+#
+# 7 reads and 6 writes of an (N, F) array: 13 passes over memory. The kernel loops over rows and, for each element,
+# computes h, Phi(h) and h Phi(h) in registers: it reads x once and writes out and s once, 3 passes. The FLOPs are the
+# same (the erf dominates them). Below the same count for every op the kernels fuse, read off the reference code line
+# by line, in MB at the shape of a real step.
+
+# %%
+N, C, F = 16 * 128, 128, 512  # tokens in a batch of 16 x 128, the tiny preset's width and FFN width
+PASSES = [  # (op, elements per pass, reference passes, kernel passes); a pass = one read or write of an array
+    ("bias+gelu forward", N * F, 7 + 6, 1 + 2),  # kernel: read x; write out, s
+    ("bias+gelu backward", N * F, 12 + 7, 3 + 1),  # kernel: read dout, x, s; write dx (db: one small row per chunk)
+    ("layernorm forward", N * C, 7 + 5, 1 + 2),  # kernel: read x; write y, xhat (a row of 512 B stays in L1)
+    ("layernorm backward", N * C, 14 + 7, 2 + 1),  # kernel: read dout, xhat; write dx
+]
+print(f"{'op':<20} {'reference MB':>12} {'kernel MB':>10} {'ratio':>6}")
+for name, n, ref_p, ker_p in PASSES:
+    print(f"{name:<20} {n * 4 * ref_p / 1e6:>12.1f} {n * 4 * ker_p / 1e6:>10.1f} {ref_p / ker_p:>6.1f}")
+
+# %% [markdown]
+# A core can do tens of GFLOP/s with its vector units but streams only about 10 GB/s (2.5 G floats) from main memory,
+# and GELU or layer norm do 5 to 20 FLOPs per element: they are **memory-bound**, so their time follows the MB column.
+# The ratio is an upper bound on what fusing alone can win: arrays of a few MB partly stay in the L2/L3 caches, and
+# the erf costs the same in both. Section 5 measures what it wins here.
+#
+# ## 2. Same answers: checking a float32 kernel
+#
+# A kernel must compute what the reference computes. It cannot match it bit for bit: it sums a row left to right
+# while NumPy sums pairwise and BLAS in blocks, and float32 addition is not associative. So the check is
+# `assert_allclose` with a float32 tolerance: a relative error of about 1e-5 (float32 has 7 significant digits, and a
+# sum of 128 terms loses a few bits), plus an absolute floor for entries that cancel to near zero.
+
+# %%
+RTOL = 1e-5
+
+
+def close(got, want, name):
+    """float32 agreement: relative 1e-5, plus an absolute floor of 1e-5 times the array's scale."""
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max(), err_msg=name)
+
+
+x = rng.standard_normal((4, 33, C)).astype(np.float32)
+gamma = (1 + 0.1 * rng.standard_normal(C)).astype(np.float32)
+beta = (0.1 * rng.standard_normal(C)).astype(np.float32)
+dout = rng.standard_normal(x.shape).astype(np.float32)
+y_ref, c_ref = ref_ln.layernorm_forward(x, gamma, beta)
+y_ker, c_ker = k_ln.layernorm_forward(x, gamma, beta)
+close(y_ker, y_ref, "layernorm y")
+for name, g_ker, g_ref in zip(("dx", "dgamma", "dbeta"), k_ln.layernorm_backward(dout, c_ker),
+                              ref_ln.layernorm_backward(dout, c_ref)):
+    assert g_ker.dtype == np.float32
+    close(g_ker, g_ref, f"layernorm {name}")
+
+h = rng.standard_normal((4, 33, F)).astype(np.float32)
+b = rng.standard_normal(F).astype(np.float32)
+g = rng.standard_normal(h.shape).astype(np.float32)
+o_ref, c_ref = ref_act.bias_gelu_forward(h, b)
+o_ker, c_ker = k_act.bias_gelu_forward(h, b)
+close(o_ker, o_ref, "bias_gelu out")
+for name, g_ker, g_ref in zip(("dx", "db"), k_act.bias_gelu_backward(g, c_ker), ref_act.bias_gelu_backward(g, c_ref)):
+    close(g_ker, g_ref, f"bias_gelu {name}")
+print(f"layernorm and bias+GELU kernels agree with the reference (float32, rtol {RTOL})")
+
+# %% [markdown]
+# ## 3. The attention kernel
+#
+# The reference attention (lesson 05) makes one (B, H, T, T) pass each for the scale, the mask, the row max, the
+# exponential, the row sum, the division, the dropout mask and its scale, and as many again in the backward. The
+# kernel (`kernels/numba_cpu/attention.py`) is organised like this:
+#
+# - **one `prange` iteration per (batch, head)**: B·H independent problems, spread over the cores by Numba's thread
+#   pool. Each iteration writes only its own (b, h) slices, so there are no races and no locks.
+# - `scores = q kᵀ` goes to BLAS (`np.dot` on the two contiguous (T, D) slices), written **straight into the (T, T)
+#   block of the cached `probs`**, and the softmax then runs in place on that block, one row at a time: scale and mask
+#   while finding the row max, then `exp(s - max)` and the sum, then the division. The max trick of lesson 02 keeps
+#   it stable; a row whose keys are all padding becomes zeros, as in the reference.
+# - dropout needs the dropped weights apart from `probs` (the backward and the plots want the weights before
+#   dropout), so an iteration with dropout allocates **one (T, T) scratch block** for `probs * keep / (1 - p)` and
+#   multiplies that by v. The backward needs one such block too, for `dprobs` and then `dscores`, in place.
+# - the **keep mask is drawn before the kernel runs, with the reference's own call**,
+#   `rng.random((B, H, T, T), dtype=float32) >= p`: the same Generator state gives the same mask, so the kernel and the
+#   reference agree with dropout on, and a seeded run is replayed exactly whichever backend it uses.
+# - **BLAS runs single-threaded inside the `prange`** (threadpoolctl limits it for the call): the parallel loop already
+#   keeps every core busy, and a multithreaded BLAS call from each of those threads would put several threads on each
+#   core (2 to 3 times slower, measured).
+#
+# Here is one iteration written out in NumPy, run over every (b, h) in a plain loop, against the reference and the
+# kernel, with a padding mask and dropout.
+
+# %%
+def kernel_iteration(q, k, v, keys, keep, p_drop):
+    """One prange iteration: q, k, v (T, D) of one (b, h); keys (T,) bool real tokens; keep (T, T) bool or None."""
+    T, D = q.shape
+    P = q @ k.T  # (T, T) scores, in the cached probs block
+    P = np.where(keys, P * np.float32(1 / np.sqrt(D)), -np.inf)  # scale and mask (here: some real key in every row)
+    P = np.exp(P - P.max(axis=1, keepdims=True))  # stable: the largest entry of each row is exp(0) = 1
+    P = P / P.sum(axis=1, keepdims=True)  # probs, kept for the backward
+    S = P if keep is None else np.where(keep, P * np.float32(1 / (1 - p_drop)), 0)  # the (T, T) scratch block
+    return S @ v, P  # (T, D), (T, T)
+
+
+B, H, T, D = 2, 2, 40, 16
+q, k, v = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(3))
+mask = np.ones((B, T), np.int64)
+mask[1, 25:] = 0  # the second sequence: 25 real tokens, 15 pads
+p_drop = 0.1
+out_ref, c_ref = ref_attn.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(3))
+out_ker, c_ker = k_attn.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(3))
+assert np.array_equal(c_ker.keep, c_ref.dropout.scale != 0)  # the very same dropout mask
+out_loop = np.empty_like(out_ref)
+for bb in range(B):
+    for hh in range(H):
+        out_loop[bb, hh], _ = kernel_iteration(q[bb, hh], k[bb, hh], v[bb, hh], mask[bb] != 0, c_ker.keep[bb, hh],
+                                               p_drop)
+close(out_loop, out_ref, "attention: our loop vs reference")
+close(out_ker, out_ref, "attention out")
+close(c_ker.probs, c_ref.probs, "attention probs")
+assert np.all(c_ker.probs[1][..., 25:] == 0)  # padded keys get exactly zero weight
+dout = rng.standard_normal(q.shape).astype(np.float32)
+for name, g_ker, g_ref in zip(("dq", "dk", "dv"), k_attn.attention_backward(dout, c_ker),
+                              ref_attn.attention_backward(dout, c_ref)):
+    close(g_ker, g_ref, f"attention {name}")
+print(f"attention kernel: out, probs, dq, dk, dv agree with the reference (dropout {p_drop}, same mask); "
+      f"{c_ker.keep.mean():.3f} of the weights kept")
+
+# %% [markdown]
+# ## 4. Threads that spin
+#
+# Numba's `prange` runs on an OpenMP thread pool (or TBB, or its own workqueue, whichever is installed). OpenMP's
+# threads, by default, keep **spinning** for a while after a parallel loop ends, so the next loop starts without a
+# wake-up. In a Transformer step the next thing is usually a matrix product, whose BLAS threads then compete with
+# spinning threads for the same few cores: measured on two cores, a (4096, 128) @ (128, 512) product right after a
+# tiny parallel kernel took 8.7 ms instead of 2.9 ms. `OMP_WAIT_POLICY=PASSIVE` makes the idle threads sleep at once
+# (3.2 ms). The setting is read once, when the OpenMP runtime starts, so `kernels.numba_cpu` sets it on import, before
+# any kernel has run; a value you set yourself wins.
+
+# %%
+print("OMP_WAIT_POLICY =", os.environ.get("OMP_WAIT_POLICY"), "; Numba threading layer:", numba.threading_layer())
+
+# %% [markdown]
+# ## 5. How much faster?
+#
+# `minielectra.bench.bench_ops` times every op the kernels replace, reference and kernel side by side, on random
+# inputs at the shapes of a training step (here the tiny preset at batch 8 x 128 tokens), forward and backward
+# together, the median of a few calls. Under `backend.set_backend("numba")` the model's layers dispatch to these
+# kernels; `minielectra bench --ops --backend numba` prints the same table. Times depend on your machine; compare
+# the speed-ups of bias+GELU and layer norm with the ratios of section 1. On a machine busy with other work the
+# times jump around (BLAS threads that must share cores slow down badly): rerun it when the machine is quiet.
+
+# %%
+backend.set_backend("numba")
+model_config, train_config = config.preset("tiny")
+t0 = time.perf_counter()
+rows = bench.bench_ops(model_config, train_config, batch_size=8, seq_len=128, repeats=5)
+print(bench.format_ops(rows))
+print(f"({time.perf_counter() - t0:.1f} s)")
+assert all(ker is not None for _, _, ker in rows)  # every op has a Numba kernel
+backend.set_backend("numpy")
+
+fig, ax = plt.subplots(figsize=(7, 3.6))
+names = [r[0] for r in rows]
+speedups = [ref / ker for _, ref, ker in rows]
+ax.barh(names, speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+ax.axvline(1.0, color="k", lw=1)
+ax.invert_yaxis()
+ax.set_xlabel("speed-up of the Numba kernel over the reference (x)")
+ax.set_title("tiny preset, batch 8 x 128 tokens, forward + backward")
+fig.tight_layout()
+path = FIG_DIR / "speedups.png"
+fig.savefig(path, dpi=110)
+plt.close(fig)
+print("saved", path)
+
+# %% [markdown]
+# ## Where next
+#
+# The attention kernel still keeps the (B, H, T, T) weights for the backward: its memory grows with T². Lesson 12
+# moves attention to a GPU and removes that too, with a kernel that never stores the weights at all.
