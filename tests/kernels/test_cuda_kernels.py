@@ -251,7 +251,7 @@ def test_softmax_cross_entropy_matches_reference(runtime, seed, dtype, N, V, mag
         loss, d = kls.softmax_cross_entropy(r.dev(logits), r.dev(targets), r.dev(w))
     loss_ref, d_ref = rls.softmax_cross_entropy(logits, targets, w)
     assert isinstance(loss, float)
-    assert loss == pytest.approx(loss_ref, rel=16 * np.finfo(dtype).eps * max(1, V), abs=1e-30)
+    assert loss == pytest.approx(loss_ref, rel=float(16 * np.finfo(dtype).eps * max(1, V)), abs=1e-30)
     assert_close(r.host(d), d_ref, name="dlogits")
 
 
@@ -267,7 +267,7 @@ def test_sigmoid_cross_entropy_matches_reference(runtime, seed, dtype, shape, ma
     with Runtime(runtime) as r:
         loss, d = kls.sigmoid_cross_entropy(r.dev(z), r.dev(y), r.dev(w))
     loss_ref, d_ref = rls.sigmoid_cross_entropy(z, y, w)
-    assert loss == pytest.approx(loss_ref, rel=16 * np.finfo(dtype).eps * max(1, z.size), abs=1e-30)
+    assert loss == pytest.approx(loss_ref, rel=float(16 * np.finfo(dtype).eps * max(1, z.size)), abs=1e-30)
     assert_close(r.host(d), d_ref, name="dlogits")
 
 
