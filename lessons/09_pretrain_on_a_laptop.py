@@ -186,4 +186,4 @@ print("saved", path)
 #
 # Resume this run for longer with `minielectra pretrain --out lessons/runs/09 --resume` (after raising `--steps`), or
 # start a bigger one with `minielectra pretrain --steps 2000`. The discriminator is the model you keep: lesson 10
-# (planned) fine-tunes it on a classification task.
+# fine-tunes it for sentiment.
