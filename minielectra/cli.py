@@ -67,6 +67,8 @@ def cmd_pretrain(args):
     from minielectra import train
 
     model, tc = _configs(args)
+    if args.resume:  # the run's saved configs win; only an explicit --steps extends (or shortens) it
+        model, tc = None, (tc if args.steps is not None else None)
     summary = train.pretrain(args.out, corpus=args.corpus, model=model, train=tc, resume=args.resume,
                              vocab_path=args.vocab, stop_after=args.stop_after)
     print(train.summary_line(summary))

@@ -65,6 +65,17 @@ def test_missing_corpus_and_corrupted_checkpoint_are_one_line_errors(tmp_path, c
     assert "truncated or corrupted" in capsys.readouterr().err
 
 
+def test_resume_keeps_the_runs_step_count_unless_steps_is_given(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", "--corpus", str(corpus), "--out", str(out), "--backend", "numpy"]
+    assert main([*argv, "--steps", "4", "--stop-after", "2", *SMALL_MODEL]) == 0
+    assert main([*argv, "--resume"]) == 0  # not the preset's default step count
+    assert ckpt.load_checkpoint(out / "checkpoint.safetensors").step == 4
+    assert main([*argv, "--resume", "--steps", "6"]) == 0
+    assert ckpt.load_checkpoint(out / "checkpoint.safetensors").step == 6
+    assert "finished" in capsys.readouterr().out
+
+
 def test_missing_backend_package_names_the_extra(monkeypatch, capsys):
     import minielectra.backend as backend
 
