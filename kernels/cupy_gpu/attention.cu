@@ -39,6 +39,16 @@ ME_DEVICE void attn_stage(float* sm, const float* src, int r0, int T, int D) {
     }
 }
 
+// Stage the key/value tile starting at key j0 and flag its real keys (in range and not padding). Forward and the
+// dq backward walk the same K, V tiles, so they share this.
+ME_DEVICE void attn_stage_kv(float* ks, float* vs, unsigned char* valid, const float* k, const float* v,
+                             const unsigned char* keys, int b, int j0, int T, int D) {
+    attn_stage(ks, k, j0, T, D);
+    attn_stage(vs, v, j0, T, D);
+    for (int jj = threadIdx.x; jj < BC; jj += blockDim.x)
+        valid[jj] = (j0 + jj < T) && keys[(long long)b * T + j0 + jj] != 0;
+}
+
 // grid (B*H, ceil(T / BR)), block BR, dynamic shared 2 * BC * D floats.
 template <int MAXD>
 ME_DEVICE void attn_forward(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
@@ -62,10 +72,7 @@ ME_DEVICE void attn_forward(const float* __restrict__ q, const float* __restrict
     float m = -ME_INF_F, l = 0.0f;
     for (int j0 = 0; j0 < T; j0 += BC) {
         __syncthreads();  // the previous tile has been used by every thread
-        attn_stage(ks, k + base, j0, T, D);
-        attn_stage(vs, v + base, j0, T, D);
-        for (int jj = threadIdx.x; jj < BC; jj += blockDim.x)
-            valid[jj] = (j0 + jj < T) && keys[(long long)b * T + j0 + jj] != 0;
+        attn_stage_kv(ks, vs, valid, k + base, v + base, keys, b, j0, T, D);
         __syncthreads();
         if (!row) continue;
 #pragma unroll 1
@@ -130,10 +137,7 @@ ME_DEVICE void attn_backward_dq(const float* __restrict__ q, const float* __rest
     }
     for (int j0 = 0; j0 < T; j0 += BC) {
         __syncthreads();
-        attn_stage(ks, k + base, j0, T, D);
-        attn_stage(vs, v + base, j0, T, D);
-        for (int jj = threadIdx.x; jj < BC; jj += blockDim.x)
-            valid[jj] = (j0 + jj < T) && keys[(long long)b * T + j0 + jj] != 0;
+        attn_stage_kv(ks, vs, valid, k + base, v + base, keys, b, j0, T, D);
         __syncthreads();
         if (!row) continue;
 #pragma unroll 1
