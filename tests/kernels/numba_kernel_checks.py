@@ -60,3 +60,14 @@ def noncontiguous(a, how):
 
 
 LAYOUTS = st.sampled_from(["C", "T", "S"])
+
+
+def padded_batch(config, B, T, real_in_last, seed=1):
+    """(ids, mask) of random words framed by [CLS] ... [SEP]; the last sequence has `real_in_last` tokens then pads."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, config.vocab_size, (B, T))
+    ids[:, 0], ids[:, -1] = config.cls_token_id, config.sep_token_id
+    mask = np.ones_like(ids)
+    ids[-1, real_in_last:], mask[-1, real_in_last:] = config.pad_token_id, 0
+    ids[-1, real_in_last - 1] = config.sep_token_id
+    return ids, mask

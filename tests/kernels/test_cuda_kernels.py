@@ -33,7 +33,7 @@ from minielectra.ops import layernorm as rl
 from minielectra.ops import losses as rls
 from minielectra.ops.dropout import DropoutCache
 from minielectra.ops.softmax import SoftmaxCache
-from numba_kernel_checks import SEEDS, assert_close
+from numba_kernel_checks import SEEDS, assert_close, padded_batch
 
 GPU = backend.gpu_usable()
 RUNTIMES = [
@@ -326,12 +326,7 @@ def test_cupy_step_matches_numpy_step():
                            generator_num_attention_heads=1, generator_intermediate_size=64,
                            max_position_embeddings=80)
     params = electra.init_model(config, np.random.default_rng(0))
-    rng = np.random.default_rng(1)
-    ids = rng.integers(5, config.vocab_size, (4, 67))
-    ids[:, 0], ids[:, -1] = config.cls_token_id, config.sep_token_id
-    mask = np.ones_like(ids)
-    ids[3, 20:], mask[3, 20:] = config.pad_token_id, 0
-    ids[3, 19] = config.sep_token_id
+    ids, mask = padded_batch(config, 4, 67, real_in_last=20)
     train = False  # no dropout: the kernels' dropout mask differs from the reference's by design
     ref_losses, ref_metrics, ref_grads = electra.loss_and_grads(params, (ids, mask), config,
                                                                 np.random.default_rng(3), train=train)
@@ -374,12 +369,7 @@ def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch):
                            generator_num_attention_heads=1, generator_intermediate_size=16,
                            max_position_embeddings=40)
     params = electra.init_model(config, np.random.default_rng(0))
-    rng = np.random.default_rng(1)
-    ids = rng.integers(5, config.vocab_size, (2, 19))
-    ids[:, 0], ids[:, -1] = config.cls_token_id, config.sep_token_id
-    mask = np.ones_like(ids)
-    ids[1, 12:], mask[1, 12:] = config.pad_token_id, 0
-    ids[1, 11] = config.sep_token_id
+    ids, mask = padded_batch(config, 2, 19, real_in_last=12)
     ref_losses, ref_metrics, ref_grads = electra.loss_and_grads(params, (ids, mask), config,
                                                                 np.random.default_rng(3), train=False)
     used = set()

@@ -7,6 +7,7 @@ pytest.importorskip("numba")
 
 from minielectra import backend, electra  # noqa: E402
 from minielectra.config import ElectraConfig  # noqa: E402
+from numba_kernel_checks import padded_batch  # noqa: E402
 
 pytestmark = pytest.mark.numba
 
@@ -25,12 +26,7 @@ def _step(name, params, batch):
 
 def test_numba_step_matches_numpy_step():
     params = electra.init_model(CONFIG, np.random.default_rng(0))
-    rng = np.random.default_rng(1)
-    ids = rng.integers(5, CONFIG.vocab_size, (4, 37))
-    ids[:, 0], ids[:, -1] = CONFIG.cls_token_id, CONFIG.sep_token_id
-    mask = np.ones_like(ids)
-    ids[3, 20:], mask[3, 20:] = CONFIG.pad_token_id, 0
-    ids[3, 19] = CONFIG.sep_token_id
+    ids, mask = padded_batch(CONFIG, 4, 37, real_in_last=20)
     ref_losses, ref_metrics, ref_grads = _step("numpy", params, (ids, mask))
     losses, metrics, grads = _step("numba", params, (ids, mask))
     for k in ref_losses:  # float32 sums in a different order: a few ulps on a loss of ~40
