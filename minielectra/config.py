@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 N_SPECIAL_TOKENS = 5  # [PAD] [UNK] [CLS] [SEP] [MASK]
+OBJECTIVES = ("electra", "mlm")  # TrainConfig.objective: minielectra/electra.py or minielectra/mlm.py
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines
     checkpoint_every: int = 400  # steps between checkpoints (one is always written at the end)
     eval_fraction: float = 0.02  # share of packed sequences held out for evaluation
+    objective: str = "electra"  # pre-training objective: electra (generator + discriminator) or mlm (BERT's masked LM)
 
     def validate(self, model=None):
         problems = []
@@ -109,6 +111,8 @@ class TrainConfig:
             problems.append("learning_rate and max_grad_norm must be positive; warmup_steps and weight_decay >= 0")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
         return self

@@ -67,3 +67,12 @@ def test_override_coerces_and_rejects():
         override(ElectraConfig(), {"hidden_size": 1.5})
     with pytest.raises(ConfigError, match="not valid JSON"):
         from_json("{")
+
+
+def test_objective_is_validated_and_saved():
+    assert TrainConfig().objective == "electra"  # a config.json from before the field existed reads as ELECTRA
+    assert from_json('{"train": {"steps": 7}}')[1].objective == "electra"
+    m, t = ElectraConfig(), override(TrainConfig(), {"objective": "mlm"})
+    assert from_json(to_json(m, t))[1].objective == "mlm"
+    with pytest.raises(ConfigError, match="objective must be one of electra, mlm, got 'bert'"):
+        TrainConfig(objective="bert").validate()
