@@ -21,13 +21,15 @@ from tqdm import tqdm
 from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
 from minielectra import data as datamod
-from minielectra import electra
+from minielectra import electra, mlm
 from minielectra.backend import dispatch
 from minielectra.optim import adamw_init, clip_scale, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.safetensors"
 EVAL_BATCHES = 8  # held-out batches per evaluation: enough for a stable number, cheap next to training
+# TrainConfig.objective -> the module with its init_model, forward and loss_and_grads (the same interface)
+OBJECTIVES = {"electra": electra, "mlm": mlm}
 
 
 class TrainingError(RuntimeError):
@@ -44,14 +46,14 @@ def with_tokenizer(model, tok):
                                sep_token_id=tok.sep_id, mask_token_id=tok.mask_id)
 
 
-def evaluate(params, input_ids, attention_mask, model, batch_size, seed=0):
+def evaluate(params, input_ids, attention_mask, model, batch_size, seed=0, objective="electra"):
     """Mean losses and metrics over up to EVAL_BATCHES held-out batches, dropout off, fixed masking seed."""
     rng = np.random.default_rng(seed)
     n = min(len(input_ids) // batch_size, EVAL_BATCHES) or 1
     totals = {}
     for i in range(n):
         rows = slice(i * batch_size, (i + 1) * batch_size)
-        out = electra.forward(params, (input_ids[rows], attention_mask[rows]), model, rng, train=False)
+        out = OBJECTIVES[objective].forward(params, (input_ids[rows], attention_mask[rows]), model, rng, train=False)
         for k, v in {**out.losses, **out.metrics}.items():
             totals[k] = totals.get(k, 0.0) + v / n
     return totals
@@ -79,12 +81,14 @@ class _StopFlag:
 
 
 def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_path=None, stop_after=None,
-             cache_dir=None, progress=True):
-    """Pre-train ELECTRA into out_dir and return a summary dict.
+             cache_dir=None, progress=True, max_minutes=None):
+    """Pre-train ELECTRA (or, with train.objective 'mlm', a masked LM) into out_dir and return a summary dict.
 
-    corpus: a text file, a folder of .txt files, or None for the built-in corpus. model/train: the configs (the
-    'tiny' preset when None). resume: continue from out_dir's checkpoint (its configs win; `train.steps` may be
-    raised). stop_after: stop (with a checkpoint) after this many steps of this call, as a Ctrl-C would.
+    corpus: a text file, a folder of .txt files, a list of those (their documents together), or None for the
+    built-in corpus. model/train: the configs (the 'tiny' preset when None). resume: continue from out_dir's
+    checkpoint (its configs win; `train.steps` may be raised). stop_after: stop (with a checkpoint) after this many
+    steps of this call, as a Ctrl-C would. max_minutes: the same, once this call's training loop has run this long
+    (a wall-clock budget: the step that crosses it is finished and saved).
     """
     out = Path(out_dir)
     path = out / CHECKPOINT
@@ -101,8 +105,15 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
     model.validate()
     train.validate(model)
 
+    if max_minutes is not None and not max_minutes > 0:
+        raise cfgmod.ConfigError(f"max_minutes must be positive, got {max_minutes}")
+    objective = OBJECTIVES[train.objective]
+
     t0 = time.perf_counter()
-    docs = datamod.load_corpus(corpus)
+    if isinstance(corpus, (list, tuple)):
+        docs = [doc for c in corpus for doc in datamod.load_corpus(c)]
+    else:
+        docs = datamod.load_corpus(corpus)
     if not resume:
         if vocab_path is not None:
             tok = WordPieceTokenizer.load(vocab_path)
@@ -127,7 +138,7 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
         _truncate_metrics(out / "metrics.jsonl", start)
         _log(f"resumed {path} at step {start} of {train.steps}")
     else:
-        params = electra.init_model(model, np.random.default_rng(train.seed))
+        params = objective.init_model(model, np.random.default_rng(train.seed))
         state, start = adamw_init(params), 0
         rng = np.random.default_rng(train.seed + 2)
         out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +146,7 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
     tok.save(out / "vocab.txt")
     (out / "config.json").write_text(cfgmod.to_json(model, train))
     disc = sum(int(np.prod(v.shape)) for k, v in params.items() if k.startswith(electra.DISC))
-    _log(f"model: discriminator {disc / 1e6:.2f} M parameters, generator + discriminator "
+    _log(f"model: {train.objective}, the encoder fine-tuning keeps {disc / 1e6:.2f} M parameters, all "
          f"{electra.count_params(params) / 1e6:.2f} M; steps {start} -> {train.steps}, batch {train.batch_size} x "
          f"{train.seq_len}")
 
@@ -148,11 +159,13 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
     tokens = 0
     t_start = time.perf_counter()
     bar = tqdm(total=end - start, initial=0, disable=not progress, dynamic_ncols=True, unit="step")
+    deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
+    out_of_time = False
     with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as log:
         step = start
-        while step < end and not stop.requested:
+        while step < end and not stop.requested and not out_of_time:
             batch = next(batches)
-            losses, metrics, grads = electra.loss_and_grads(params, batch, model, rng, train=True)
+            losses, metrics, grads = objective.loss_and_grads(params, batch, model, rng, train=True)
             norm, scale = clip_scale(grads, train.max_grad_norm)
             if not (math.isfinite(losses["loss"]) and math.isfinite(norm)):
                 raise TrainingError(
@@ -170,18 +183,22 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
             if step % train.log_every == 0 or step == end:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            bar.set_postfix_str(f"loss {losses['loss']:.3f} mlm {losses['mlm_loss']:.3f} rtd {losses['rtd_loss']:.3f} "
-                                f"gen {metrics['gen_acc']:.2f} disc {metrics['disc_acc']:.2f} {tok_s:,.0f} tok/s")
+            bar.set_postfix_str(_postfix(losses, metrics) + f" {tok_s:,.0f} tok/s")
             bar.update(1)
-            if step % train.checkpoint_every == 0 or step == end or stop.requested:
-                ev = evaluate(params, ev_ids, ev_mask, model, train.batch_size) if len(ev_ids) else {}
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            if step % train.checkpoint_every == 0 or step == end or stop.requested or out_of_time:
+                ev = (evaluate(params, ev_ids, ev_mask, model, train.batch_size, objective=train.objective)
+                      if len(ev_ids) else {})
                 if ev:
                     log.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in ev.items()}}) + "\n")
                     log.flush()
                 save(step)
     bar.close()
+    if out_of_time:
+        _log(f"the {max_minutes:g}-minute budget is spent: stopped at step {step} with a checkpoint")
     summary = {"out": str(out), "step": step, "steps": train.steps, "finished": step >= train.steps,
-               "first": first, "last": last, "checkpoint": str(path)}
+               "first": first, "last": last, "checkpoint": str(path), "objective": train.objective,
+               "start_step": start, "seconds": time.perf_counter() - t_start}
     if last is not None:
         summary["plot"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png"))
     return summary
@@ -198,8 +215,17 @@ def read_metrics(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
+def _postfix(losses, metrics):
+    """The progress bar's numbers: ELECTRA's loss, mlm, rtd, gen and disc accuracy; an MLM run's loss and accuracy."""
+    names = (("loss", "loss"), ("mlm_loss", "mlm"), ("rtd_loss", "rtd"), ("gen_acc", "gen"), ("disc_acc", "disc"),
+             ("mlm_acc", "acc"))
+    values = {**losses, **metrics}
+    return " ".join(f"{short} {values[k]:.3f}" for k, short in names if k in values)
+
+
 def plot_curves(metrics_path, png_path):
-    """Loss curves (total, MLM, RTD) and accuracies (generator, discriminator), training and held-out, as a PNG."""
+    """Loss curves (total, MLM, RTD) and accuracies (generator, discriminator; an MLM run's accuracy), training and
+    held-out, as a PNG. Curves a run does not log are left out."""
     import matplotlib
 
     matplotlib.use("Agg")  # no screen needed
@@ -209,9 +235,11 @@ def plot_curves(metrics_path, png_path):
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval_loss" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, keys, title in ((axes[0], ("loss",), "loss = mlm + 50 rtd"), (axes[1], ("mlm_loss", "rtd_loss"), "losses"),
-                            (axes[2], ("gen_acc", "disc_acc"), "accuracy")):
-        for k in keys:
+    electra_run = any("rtd_loss" in r for r in train_rows)
+    for ax, keys, title in ((axes[0], ("loss",), "loss = mlm + 50 rtd" if electra_run else "loss = mlm"),
+                            (axes[1], ("mlm_loss", "rtd_loss"), "losses"),
+                            (axes[2], ("gen_acc", "disc_acc", "mlm_acc"), "accuracy")):
+        for k in (k for k in keys if train_rows and k in train_rows[0]):
             ax.plot([r["step"] for r in train_rows], [r[k] for r in train_rows], label=f"train {k}")
             if eval_rows:
                 ax.plot([r["step"] for r in eval_rows], [r[f"eval_{k}"] for r in eval_rows], "o--", label=f"held-out {k}")
@@ -231,6 +259,10 @@ def summary_line(s):
     if l is None:
         return f"nothing to do: {s['out']} is already at step {s['step']} of {s['steps']}"
     state = "finished" if s["finished"] else f"stopped at step {s['step']} of {s['steps']} (resume with --resume)"
+    if "rtd_loss" not in l:  # a masked-LM run
+        return (f"{state}: masked-LM loss {f['loss']:.2f} -> {l['loss']:.2f}; accuracy at the masked positions "
+                f"{100 * l['mlm_acc']:.1f} %; {l['tokens_per_s']:,.0f} tokens/s; checkpoint {s['checkpoint']}, plot "
+                f"{s.get('plot')}")
     return (f"{state}: loss {f['loss']:.2f} -> {l['loss']:.2f} (mlm {f['mlm_loss']:.2f} -> {l['mlm_loss']:.2f}, "
             f"rtd {f['rtd_loss']:.3f} -> {l['rtd_loss']:.3f}); generator accuracy {100 * l['gen_acc']:.1f} %, "
             f"discriminator accuracy {100 * l['disc_acc']:.1f} % (replaced-token precision "

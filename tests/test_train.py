@@ -1,12 +1,14 @@
 """The trainer: resume is bit-identical, NaN stops the run keeping the last good checkpoint, metrics and plot."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from minielectra import checkpoint as ckpt
-from minielectra import electra, train
+from minielectra import config as cfgmod
+from minielectra import electra, mlm, train
 from minielectra.config import ElectraConfig, TrainConfig
 
 MODEL = ElectraConfig(vocab_size=300, embedding_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -96,3 +98,45 @@ def test_a_corpus_too_small_for_one_batch_is_reported(tmp_path):
     with pytest.raises(Exception, match="fewer than one batch|cannot be split"):
         train.pretrain(tmp_path / "x", corpus=tiny, model=MODEL, train=TRAIN, cache_dir=tmp_path / "c",
                        progress=False)
+
+
+def test_mlm_objective_trains_resumes_and_plots(tmp_path, corpus):
+    mlm_train = dataclasses.replace(TRAIN, objective="mlm")
+    straight = train.pretrain(tmp_path / "straight", corpus=corpus, model=MODEL, train=mlm_train,
+                              cache_dir=tmp_path / "cache", progress=False)
+    half = train.pretrain(tmp_path / "halves", corpus=corpus, model=MODEL, train=mlm_train,
+                          cache_dir=tmp_path / "cache", progress=False, stop_after=3)
+    assert not half["finished"]
+    resumed = train.pretrain(tmp_path / "halves", corpus=corpus, resume=True, cache_dir=tmp_path / "cache",
+                             progress=False)  # the objective comes from the run's saved config
+    assert resumed["objective"] == straight["objective"] == "mlm" and resumed["finished"]
+    a, b = ckpt.load_checkpoint(straight["checkpoint"]), ckpt.load_checkpoint(resumed["checkpoint"])
+    assert set(a.params) == set(mlm.param_shapes(cfgmod.from_json(a.config_json)[0]))
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+    rows = train.read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert {"loss", "mlm_loss", "mlm_acc"} <= set(rows[0]) and "rtd_loss" not in rows[0]
+    assert [r["step"] for r in rows if "eval_mlm_acc" in r] == [3, 6, 8]
+    assert (tmp_path / "straight" / "curves.png").exists()
+    line = train.summary_line(straight)
+    assert "masked-LM loss" in line and "accuracy at the masked positions" in line
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path, corpus):
+    s = run(tmp_path, corpus, "budget", max_minutes=1e-9)  # spent after the first step
+    assert s["step"] == 1 and not s["finished"] and s["seconds"] > 0
+    saved = ckpt.load_checkpoint(tmp_path / "budget" / "checkpoint.safetensors")
+    assert saved.step == 1
+    assert "stopped at step 1 of 8" in train.summary_line(s)
+    with pytest.raises(cfgmod.ConfigError, match="max_minutes must be positive"):
+        run(tmp_path, corpus, "bad", max_minutes=0)
+
+
+def test_several_corpora_are_read_together(tmp_path, corpus):
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(["a discriminator decides which words were replaced"] * 40), encoding="utf-8")
+    both = train.pretrain(tmp_path / "both", corpus=[corpus, other], model=MODEL, train=TRAIN,
+                          cache_dir=tmp_path / "cache", progress=False, stop_after=1)
+    assert both["step"] == 1
+    vocab = (tmp_path / "both" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert "discriminator" in vocab and "fox" in vocab
