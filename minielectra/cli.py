@@ -1,4 +1,6 @@
-"""The `minielectra` command (also `python -m minielectra`): pretrain, finetune, evaluate, predict, gradcheck, bench.
+"""The `minielectra` command (also `python -m minielectra`): pretrain, finetune, evaluate, predict, detect, bench, ...
+
+Subcommands: pretrain, finetune, evaluate, predict, detect, gradcheck, bench, import-hf, export-hf.
 
 Every command takes --backend (numpy | numba | cupy | auto; default $MINIELECTRA_BACKEND, else auto: the GPU if
 CuPy sees one, else the Numba kernels if installed, else the NumPy reference) and prints the active backend first. Errors the user can fix (a bad config, a missing file, a corrupted checkpoint) are printed as
@@ -156,6 +158,37 @@ def cmd_predict(args):
     return 0
 
 
+def cmd_import_hf(args):
+    from minielectra import hf
+
+    s = hf.import_hf(args.folder, args.out)
+    labels = f", labels {', '.join(s['labels'])}" if s["labels"] else ""
+    print(f"imported {s['architecture']}: {s['tensors']} tensors, {s['parameters'] / 1e6:.2f} M parameters{labels}; "
+          f"wrote {s['file']}")
+    return 0
+
+
+def cmd_export_hf(args):
+    from minielectra import hf
+
+    s = hf.export_hf(args.model, args.out, part=args.part)
+    print(f"exported the {s['part']} as {s['architecture']}: {s['tensors']} tensors, {s['parameters'] / 1e6:.2f} M "
+          f"parameters; load it with transformers.{s['architecture']}.from_pretrained({s['out']!r})")
+    return 0
+
+
+def cmd_detect(args):
+    import json
+
+    from minielectra import detect
+
+    model = detect.load_discriminator(args.model)
+    texts = args.sentences or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    for d in detect.detect(model, texts):
+        print(json.dumps(detect.to_json(d)) if args.json else detect.format_detection(d) + "\n")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minielectra", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +251,29 @@ def build_parser():
     p.add_argument("sentences", nargs="*", help="sentences to classify; none: read one per line from stdin")
     _add_backend(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import-hf", help="convert a Hugging Face ELECTRA folder (config.json, vocab.txt, "
+                                         "model.safetensors) into a minielectra run or fine-tuned model folder")
+    p.add_argument("folder", help="the Hugging Face model folder (ElectraForPreTraining, ElectraForMaskedLM or "
+                                  "ElectraForSequenceClassification)")
+    p.add_argument("--out", required=True, help="the minielectra folder to write (must not hold a model yet)")
+    _add_backend(p)
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a minielectra run or fine-tuned model as a Hugging Face folder")
+    p.add_argument("model", help="a pre-training run folder or a `minielectra finetune` output folder")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write (transformers from_pretrained)")
+    p.add_argument("--part", default=None, choices=("discriminator", "generator", "mlm"),
+                   help="which part of a pre-training run to export (default: the discriminator, else what there is)")
+    _add_backend(p)
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("detect", help="each token's probability of having been replaced, as the discriminator sees it")
+    p.add_argument("--model", required=True, help="a pre-training run folder (or an imported discriminator)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per text: tokens, ids and raw logits")
+    p.add_argument("sentences", nargs="*", help="texts to inspect; none: read one per line from stdin")
+    _add_backend(p)
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("gradcheck", help="gradient-check every op and block; exit 0 only if all pass")
     _add_backend(p)

@@ -96,6 +96,11 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
         if not path.exists():
             raise ckpt.CheckpointError(f"--resume: there is no {path}; start without --resume")
         saved = ckpt.load_checkpoint(path)
+        if "batches" not in saved.extra:  # e.g. a model imported from Hugging Face: weights, but no run to continue
+            imported = saved.extra.get("imported", {}).get("architecture")
+            raise ckpt.CheckpointError(f"--resume: {path} is not a pre-training run's checkpoint (no corpus position"
+                                       f"{'; imported from Hugging Face as ' + imported if imported else ''}), so "
+                                       "there is no run to continue: use it with finetune --init, detect or export-hf")
         model, saved_train = cfgmod.from_json(saved.config_json)
         train = dataclasses.replace(saved_train, steps=train.steps if train is not None else saved_train.steps)
         tok = WordPieceTokenizer(saved.vocab)
