@@ -144,7 +144,7 @@ def format_table(rows, title=None):
 
 def _op_rows(rng):
     """Gradient checks of every reference op, on small float64 inputs with a padded sequence and dropout on."""
-    from minielectra.ops import activations, attention, dropout, embedding, layernorm, linear, softmax
+    from minielectra.ops import activations, attention, dropout, embedding, layernorm, linear, lstm, softmax
 
     def r(*shape):
         return rng.standard_normal(shape)
@@ -176,6 +176,8 @@ def _op_rows(rng):
          attention.mha_backward,
          dict(x=r(B, T, C), **{f"{w}{n}": r(C, C) if w == "W" else r(C) for n in "qkvo" for w in "Wb"}),
          ["x", "Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo"]),
+        ("lstm", lambda **a: lstm.lstm_forward(mask=mask, return_sequences=True, **a), lstm.lstm_backward,
+         dict(x=r(B, T, C), Wx=r(C, 4 * H), Wh=r(H, 4 * H), b=r(4 * H)), ["x", "Wx", "Wh", "b"]),
     ]
     rows = []
     for title, fwd, bwd, inputs, names in sections:

@@ -88,7 +88,7 @@ def test_gradcheck_command_passes_and_prints_the_table(capsys):
     assert main(["gradcheck"]) == 0
     printed = capsys.readouterr().out
     assert "electra: discriminator.electra.embeddings.word_embeddings.weight" in printed
-    assert "mha: Wq" in printed and " NO" not in printed
+    assert "mha: Wq" in printed and "lstm: Wh" in printed and " NO" not in printed
 
 
 @pytest.mark.slow
