@@ -1,14 +1,22 @@
 """Numba CPU kernels for `minielectra.ops.attention` (attention_forward, attention_backward).
 
-One prange iteration per (batch, head) does the whole attention of that head: scores = q k^T (BLAS, written straight
-into the cached probs), scale, key padding mask, a stable softmax (a fully masked row gives zeros), dropout and
-probs @ v. The backward does dv, dprobs, the softmax backward and dq, dk for its head. Each iteration writes only its
-own (b, h) slices, and uses at most one (T, T) scratch block (only when dropout is on, or in the backward).
+Memory grows linearly in T. The reference keeps the weights (B, H, T, T) and a dropout scale of the same size for its
+backward; this kernel keeps, besides q, k and v, one number per query row: the log-sum-exp of its masked, scaled scores
+(B, H, T). The backward recomputes every weight as exp(s - lse), and the dropout mask from its seed.
+
+One prange iteration per (batch, head) walks the queries in blocks of BR rows against all T keys, in a (BR, T) scratch
+block of its own: scores = q_blk k^T (BLAS), scale, key padding mask, a stable softmax row by row (a fully masked row
+gives zeros), dropout, then out_blk = weights @ v (BLAS). Each block holds whole rows, so the softmax needs no online
+rescaling and the backward gets the softmax's row term sum_j dprobs_ij p_ij exactly as the reference computes it. Each
+iteration writes only its own (b, h) slices.
+
+Dropout is the reference's counter-based mask (`minielectra.ops.dropout.hashed_keep_mask`): one uint64 seed drawn from
+the Generator, keep(b, h, i, j) a splitmix64 hash of (seed, flat index + 1) computed inside the loops, in the forward
+and again in the backward. The same seed drops the same weights as the reference and as the CUDA kernel.
 
 The GEMMs stay on BLAS (numba's np.dot on contiguous 2-D slices); the kernel wins by fusing what sits between them:
-the reference makes separate (B, H, T, T) passes for the scale, mask, max, exp, sum, divide, dropout scale and the
-softmax backward. The dropout keep mask is drawn with the reference's own Generator call before the kernel runs, so
-the same seed drops the same weights.
+the reference makes separate (B, H, T, T) passes for the scale, mask, max, exp, sum, divide, dropout and the softmax
+backward.
 """
 
 import contextlib
@@ -20,8 +28,17 @@ from numba import njit, prange
 
 from kernels.numba_cpu._common import float_dtype
 from minielectra.ops import checks
+from minielectra.ops import dropout as _dropout
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask
 
+BR = 64  # query rows per block: the scratch is (BR, T) per thread, and BR rows keep the BLAS calls efficient
+
+# The hash's constants as uint64 scalars: numba freezes them as uint64, and uint64 op uint64 stays uint64 (mixing in
+# an int64 would promote to float64 and lose the low bits).
+_GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (_dropout.HASH_GOLDEN, _dropout.HASH_MIX1, _dropout.HASH_MIX2))
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_S_TOP = np.uint64(64 - _dropout.HASH_KEEP_BITS)
+_ONE = np.uint64(1)
 
 _blas_controller = []
 
@@ -42,87 +59,140 @@ def _one_blas_thread():
     return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
 
+@njit(cache=True, inline="always")
+def _keep(seed, counter, threshold):
+    """hashed_keep_mask for one entry: counter = flat index + 1 (uint64), seed and threshold uint64."""
+    z = seed + counter * _GOLDEN
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    z = z ^ (z >> _S31)
+    return (z >> _S_TOP) >= threshold
+
+
 class AttentionKernelCache(NamedTuple):
     q: object  # (B, H, T, D) contiguous
     k: object  # (B, H, T, D)
     v: object  # (B, H, T, D)
-    probs: object  # (B, H, T, T) attention weights before dropout: what to plot
-    keep: object  # (B, H, T, T) bool dropout keep mask; None when dropout was the identity
+    lse: object  # (B, H, T) log-sum-exp of each masked, scaled score row; +inf for a fully masked row
+    keys: object  # (B, T) bool, True at real tokens
+    seed: int  # the dropout hash's seed
+    threshold: int  # drop_threshold(p_drop); 0: no dropout
     drop_scale: object  # 1 / (1 - p) in the input dtype
     scale: float  # 1 / sqrt(D)
 
+    @property
+    def probs(self):
+        """(B, H, T, T) attention weights before dropout, recomputed on demand (for plots and tests): exp(s - lse)."""
+        s = (self.q @ self.k.swapaxes(-1, -2)) * self.q.dtype.type(self.scale)  # (B, H, T, T)
+        s = np.where(self.keys[:, None, None, :], s, -np.inf) - self.lse[..., None]
+        return np.exp(s)  # a fully masked row: exp(-inf - inf) = 0
+
+    @property
+    def keep(self):
+        """(B, H, T, T) bool dropout keep mask, recomputed from the seed; None when dropout was off."""
+        if not self.threshold:
+            return None
+        return _dropout.hashed_keep_mask(np, self.seed, (*self.q.shape[:3], self.q.shape[2]), self.threshold)
+
 
 @njit(cache=True, parallel=True)
-def _forward(q, k, v, keys, keep, use_drop, c, probs, out):
-    # q, k, v (B*H, T, D); keys (B, T) bool, True at real tokens; keep (B*H, T, T) bool, read only when use_drop;
-    # c: scale, dropout scale, -inf in the input dtype
+def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, lse):
+    # q, k, v (B*H, T, D); keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop;
+    # c: scale, dropout scale, +inf in the input dtype. Writes out (B*H, T, D) and lse (B*H, T).
     BH, T, D = q.shape
     H = BH // keys.shape[0]
-    scale, drop_scale, neg_inf = c[0], c[1], c[2]
+    scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
     for bh in prange(BH):
         b = bh // H
-        P = probs[bh]  # (T, T)
-        np.dot(q[bh], k[bh].T, P)  # scores
-        for i in range(T):
-            m = neg_inf
-            for j in range(T):
-                if keys[b, j]:
-                    s = P[i, j] * scale
-                    P[i, j] = s
-                    if s > m:
-                        m = s
-            if m == neg_inf:  # every key masked: no defined softmax, the reference's zeros
+        scratch = np.empty((min(BR, T), T), q.dtype)
+        for r0 in range(0, T, BR):
+            n = min(BR, T - r0)
+            P = scratch[:n]  # (n, T): scores, then weights, then dropped weights
+            np.dot(q[bh, r0:r0 + n], k[bh].T, P)
+            for ii in range(n):
+                i = r0 + ii
+                m = -inf
                 for j in range(T):
-                    P[i, j] = zero
-                continue
-            tot = zero
-            for j in range(T):
-                if keys[b, j]:
-                    e = np.exp(P[i, j] - m)
-                    P[i, j] = e
-                    tot += e
+                    if keys[b, j]:
+                        s = P[ii, j] * scale
+                        P[ii, j] = s
+                        if s > m:
+                            m = s
+                if m == -inf:  # every key masked: no defined softmax, the reference's zeros
+                    for j in range(T):
+                        P[ii, j] = zero
+                    lse[bh, i] = inf
+                    continue
+                tot = zero
+                for j in range(T):
+                    if keys[b, j]:
+                        e = np.exp(P[ii, j] - m)
+                        P[ii, j] = e
+                        tot += e
+                    else:
+                        P[ii, j] = zero
+                lse[bh, i] = m + np.log(tot)
+                if use_drop:
+                    counter = np.uint64((bh * T + i) * T)  # flat index of (bh, i, 0); the hash counts from index + 1
+                    for j in range(T):
+                        counter += _ONE
+                        P[ii, j] = P[ii, j] / tot * drop_scale if _keep(seed, counter, threshold) else zero
                 else:
-                    P[i, j] = zero
-            for j in range(T):
-                P[i, j] = P[i, j] / tot
-        if use_drop:
-            S = np.empty((T, T), q.dtype)  # the dropped weights
-            for i in range(T):
-                for j in range(T):
-                    S[i, j] = P[i, j] * drop_scale if keep[bh, i, j] else zero
-            np.dot(S, v[bh], out[bh])
-        else:
-            np.dot(P, v[bh], out[bh])
+                    for j in range(T):
+                        P[ii, j] = P[ii, j] / tot
+            np.dot(P, v[bh], out[bh, r0:r0 + n])
 
 
 @njit(cache=True, parallel=True)
-def _backward(dout, q, k, v, probs, keep, use_drop, c, dq, dk, dv):
+def _backward(dout, q, k, v, keys, lse, seed, threshold, use_drop, c, dq, dk, dv):
+    # As _forward, plus dout (B*H, T, D) and the forward's lse; writes dq, dk, dv (B*H, T, D).
     BH, T, D = q.shape
-    scale, drop_scale = c[0], c[1]
+    H = BH // keys.shape[0]
+    scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
     for bh in prange(BH):
-        P = probs[bh]  # (T, T)
-        S = np.empty((T, T), q.dtype)
-        if use_drop:
-            for i in range(T):
+        b = bh // H
+        rows = min(BR, T)
+        Pbuf = np.empty((rows, T), q.dtype)  # weights, then dropped weights
+        Gbuf = np.empty((rows, T), q.dtype)  # d(dropped), then dprobs, then dscores
+        kept = np.empty(T, np.bool_)
+        part = np.empty((T, D), q.dtype)  # one block's share of dk or dv
+        dk[bh] = zero
+        dv[bh] = zero
+        for r0 in range(0, T, BR):
+            n = min(BR, T - r0)
+            P, G = Pbuf[:n], Gbuf[:n]
+            qb, gb = q[bh, r0:r0 + n], dout[bh, r0:r0 + n]
+            np.dot(qb, k[bh].T, P)  # the forward's scores, recomputed
+            np.dot(gb, v[bh].T, G)  # from out = dropped @ v
+            for ii in range(n):
+                i = r0 + ii
+                L = lse[bh, i]
+                if L == inf:  # fully masked row: zero weights, so no gradient flows through it
+                    for j in range(T):
+                        P[ii, j] = zero
+                        G[ii, j] = zero
+                    continue
+                counter = np.uint64((bh * T + i) * T)
+                dot = zero
                 for j in range(T):
-                    S[i, j] = P[i, j] * drop_scale if keep[bh, i, j] else zero
-            np.dot(S.T, dout[bh], dv[bh])  # from out = dropped @ v
-        else:
-            np.dot(P.T, dout[bh], dv[bh])
-        np.dot(dout[bh], v[bh].T, S)  # d(dropped)
-        for i in range(T):
-            if use_drop:
-                for j in range(T):
-                    S[i, j] = S[i, j] * drop_scale if keep[bh, i, j] else zero
-            dot = zero
-            for j in range(T):
-                dot += S[i, j] * P[i, j]
-            for j in range(T):  # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0
-                S[i, j] = P[i, j] * (S[i, j] - dot) * scale
-        np.dot(S, k[bh], dq[bh])  # from scores = q @ k^T * scale
-        np.dot(S.T, q[bh], dk[bh])
+                    p = np.exp(P[ii, j] * scale - L) if keys[b, j] else zero
+                    P[ii, j] = p
+                    if use_drop:
+                        counter += _ONE
+                        kept[j] = _keep(seed, counter, threshold)
+                        G[ii, j] = G[ii, j] * drop_scale if kept[j] else zero
+                    dot += G[ii, j] * p
+                for j in range(T):  # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0
+                    G[ii, j] = P[ii, j] * (G[ii, j] - dot) * scale
+                    if use_drop:
+                        P[ii, j] = P[ii, j] * drop_scale if kept[j] else zero
+            np.dot(P.T, gb, part)  # from out = dropped @ v
+            dv[bh] += part
+            np.dot(G, k[bh], dq[bh, r0:r0 + n])  # from scores = q @ k^T * scale
+            np.dot(G.T, qb, part)
+            dk[bh] += part
 
 
 def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
@@ -132,44 +202,35 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     scale = 1.0 / math.sqrt(D)
     km = key_mask(mask, B, T)
     keys = np.ones((B, T), bool) if km is None else np.ascontiguousarray(km.reshape(B, T))
-    use_drop = p_drop > 0
-    if use_drop:
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError("dropout needs an explicit numpy.random.Generator as rng (np.random.default_rng(seed))")
-        keep = rng.random((B, H, T, T), dtype=np.float32) >= p_drop  # the reference's draw: the same mask
-    else:
-        keep = np.ones((1, 1, 1, 1), bool)  # never read
+    threshold = _dropout.drop_threshold(p_drop)
+    seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
     q, k, v = (np.ascontiguousarray(a, dtype=dt) for a in (q, k, v))
-    probs = np.empty((B, H, T, T), dt)
     out = np.empty((B, H, T, D), dt)
+    lse = np.empty((B, H, T), dt)
     drop_scale = dt.type(1.0 / (1.0 - p_drop))
-    consts = np.array([scale, drop_scale, -np.inf], dtype=dt)
-    if B * H:
+    consts = np.array([scale, drop_scale, np.inf], dtype=dt)
+    if B * H * T:
         with _one_blas_thread():
-            _forward(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D), keys,
-                     keep.reshape(-1, keep.shape[2], keep.shape[3]), use_drop, consts,
-                     probs.reshape(B * H, T, T), out.reshape(B * H, T, D))
-    return out, AttentionKernelCache(q, k, v, probs, keep if use_drop else None, drop_scale, float(scale))
+            _forward(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D), keys, np.uint64(seed),
+                     np.uint64(threshold), threshold > 0, consts, out.reshape(B * H, T, D), lse.reshape(B * H, T))
+    return out, AttentionKernelCache(q, k, v, lse, keys, seed, threshold, drop_scale, float(scale))
 
 
 def attention_backward(dout, cache):
     """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv)."""
     if isinstance(cache, AttentionCache):  # from the reference forward
         return _reference_backward(dout, cache)
-    q, k, v, probs, keep, drop_scale, scale = cache
+    q, k, v, lse, keys, seed, threshold, drop_scale, scale = cache
     checks.float_array("dout", dout)
     checks.shape("dout", dout, q.shape, "(B, H, T, D) like q")
     B, H, T, D = q.shape
     dt = q.dtype
     dout = np.ascontiguousarray(dout, dtype=dt)
-    use_drop = keep is not None
-    if not use_drop:
-        keep = np.ones((1, 1, 1, 1), bool)
     dq, dk, dv = (np.empty((B, H, T, D), dt) for _ in range(3))
-    consts = np.array([scale, drop_scale, -np.inf], dtype=dt)
-    if B * H:
-        r = lambda a: a.reshape(B * H, T, a.shape[-1])  # noqa: E731
+    consts = np.array([scale, drop_scale, np.inf], dtype=dt)
+    if B * H * T:
+        r = lambda a: a.reshape(B * H, T, D)  # noqa: E731
         with _one_blas_thread():
-            _backward(r(dout), r(q), r(k), r(v), r(probs), keep.reshape(-1, keep.shape[2], keep.shape[3]), use_drop,
-                      consts, r(dq), r(dk), r(dv))
+            _backward(r(dout), r(q), r(k), r(v), keys, lse.reshape(B * H, T), np.uint64(seed), np.uint64(threshold),
+                      threshold > 0, consts, r(dq), r(dk), r(dv))
     return dq, dk, dv

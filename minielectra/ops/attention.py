@@ -6,14 +6,18 @@ every batch and head at once. `mha_forward` wraps it with the Q, K, V and output
 Scale: q . k sums D products of roughly unit-variance terms, so its spread grows like sqrt(D); dividing by sqrt(D)
 keeps the scores O(1) whatever the head size, so the softmax does not saturate into a one-hot whose gradient vanishes.
 Mask: a padded key must get no weight from any query; padded queries still compute (their rows are ignored later).
+Dropout on the weights uses the counter-based mask of `minielectra.ops.dropout.hashed_keep_mask`: one seed drawn from
+the Generator decides every keep(b, h, i, j). The reference stores that mask as a (B, H, T, T) scale like any dropout,
+but the kernels recompute it from the seed where they need it and store no (T, T) array, and still drop the very
+weights the reference drops.
 """
 
 import math
 from typing import NamedTuple
 
-from minielectra.backend import dispatch
+from minielectra.backend import dispatch, get_xp
 from minielectra.ops import checks
-from minielectra.ops.dropout import dropout_backward, dropout_forward
+from minielectra.ops.dropout import DropoutCache, draw_seed, drop_threshold, dropout_backward, hashed_keep_mask
 from minielectra.ops.linear import linear_backward, linear_forward
 from minielectra.ops.softmax import softmax_backward, softmax_forward
 
@@ -35,6 +39,15 @@ class AttentionCache(NamedTuple):
     softmax: object  # SoftmaxCache
     dropout: object  # DropoutCache on the weights
     scale: float  # 1 / sqrt(D)
+    seed: int = 0  # the dropout mask's hash seed (draw_seed)
+    threshold: int = 0  # drop_threshold(p_drop); 0: no dropout
+
+    @property
+    def keep(self):
+        """(B, H, T, T) bool dropout keep mask, recomputed from the seed; None when dropout was off."""
+        if not self.threshold:
+            return None
+        return hashed_keep_mask(get_xp(self.q), self.seed, self.probs.shape, self.threshold)
 
 
 def check_attention_args(q, k, v, mask=None, p_drop=0.0):
@@ -57,14 +70,21 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     scale = 1.0 / math.sqrt(D)
     scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)  # (B, H, T, T)
     probs, sm_cache = softmax_forward(scores, key_mask(mask, B, T))  # (B, H, T, T)
-    dropped, drop_cache = dropout_forward(probs, p_drop, rng, train=p_drop > 0)
+    threshold = drop_threshold(p_drop)
+    if threshold:
+        seed = draw_seed(rng)
+        keep = hashed_keep_mask(get_xp(probs), seed, probs.shape, threshold)  # (B, H, T, T)
+        drop_cache = DropoutCache(keep.astype(probs.dtype) * probs.dtype.type(1.0 / (1.0 - p_drop)))
+        dropped = probs * drop_cache.scale
+    else:
+        seed, drop_cache, dropped = 0, DropoutCache(None), probs
     out = dropped @ v  # (B, H, T, D)
-    return out, AttentionCache(q, k, v, probs, sm_cache, drop_cache, scale)
+    return out, AttentionCache(q, k, v, probs, sm_cache, drop_cache, scale, seed, threshold)
 
 
 def attention_backward(dout, cache):
     """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv)."""
-    q, k, v, probs, sm_cache, drop_cache, scale = cache
+    q, k, v, probs, sm_cache, drop_cache, scale, _, _ = cache  # the seed and threshold live on in drop_cache.scale
     dropped = probs if drop_cache.scale is None else probs * drop_cache.scale
     dv = dropped.swapaxes(-1, -2) @ dout  # (B, H, T, D)   from out = dropped @ v
     ddropped = dout @ v.swapaxes(-1, -2)  # (B, H, T, T)

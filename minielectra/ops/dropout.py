@@ -2,8 +2,16 @@
 
 Scaling at training time keeps the expected activation unchanged, so evaluation is the identity with no rescale.
 The mask comes from an explicit numpy Generator, so a run (and a gradient check) can be replayed exactly.
+
+Two ways to draw the mask. `dropout_forward` (hidden states) draws one uniform per entry and keeps the mask it returns.
+Attention's weights use a counter-based mask instead: one 64-bit seed drawn from the Generator, and keep(index) a hash
+of (seed, flat index), `hashed_keep_mask`. Any entry of it can be recomputed from the seed alone, in any order, so a
+fused attention kernel decides dropout inside its loops and again in its backward without storing a (T, T) mask per
+head; that is what lets the Numba and CUDA kernels keep memory linear in T. The reference uses the same definition, so
+all three backends drop the same weights for the same Generator state.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -33,3 +41,39 @@ def dropout_forward(x, p, rng, train=True):
 def dropout_backward(dout, cache):
     """Inverts `out = x * scale`: the same mask and scale pass the gradient."""
     return dout if cache.scale is None else dout * cache.scale
+
+
+# splitmix64's constants (Steele, Lea and Flood 2014): the hash of every counter-based keep mask. attention.cu's
+# attn_keep and the Numba attention kernel compute the same function; change all three together.
+HASH_GOLDEN, HASH_MIX1, HASH_MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+HASH_KEEP_BITS = 24  # keep(index) compares the hash's top 24 bits with drop_threshold(p)
+
+
+def drop_threshold(p):
+    """An entry is kept when the top 24 bits of its hash are >= this: ceil(p * 2^24), so the keep probability is
+    1 - p to within 2^-24; 0 (keep everything) exactly when p == 0."""
+    checks.probability("p", p)
+    return int(math.ceil(p * 2**HASH_KEEP_BITS))
+
+
+def draw_seed(rng):
+    """The one draw a hashed mask takes from the Generator: a uint64 seed, as a Python int."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError("dropout needs an explicit numpy.random.Generator as rng (np.random.default_rng(seed))")
+    return int(rng.integers(0, 2**64, dtype=np.uint64))
+
+
+def hashed_keep_mask(xp, seed, shape, threshold):
+    """Boolean keep mask of `shape` (xp = numpy or cupy): keep[index] = top 24 bits of splitmix64(seed + (index + 1)
+    * golden) >= threshold, index the C-order flat index. The uint64 products wrap around, as the hash intends."""
+    u64 = xp.uint64
+    size = math.prod(shape)
+    z = xp.arange(1, size + 1, dtype=u64)  # index + 1: the kernels' counter
+    z *= u64(HASH_GOLDEN)
+    z += u64(seed)
+    z ^= z >> u64(30)
+    z *= u64(HASH_MIX1)
+    z ^= z >> u64(27)
+    z *= u64(HASH_MIX2)
+    z ^= z >> u64(31)
+    return ((z >> u64(64 - HASH_KEEP_BITS)) >= u64(threshold)).reshape(shape)
