@@ -15,6 +15,7 @@ from minielectra import backend, config as cfgmod
 
 # Shortcut flags for the training fields people change most; any other field goes through --set NAME=VALUE.
 _TRAIN_FLAGS = {"steps": int, "batch": ("batch_size", int), "seq": ("seq_len", int), "lr": ("learning_rate", float),
+                "objective": str,
                 "warmup": ("warmup_steps", int), "seed": int, "log_every": int, "checkpoint_every": int}
 
 
@@ -72,7 +73,7 @@ def cmd_pretrain(args):
     if args.resume:  # the run's saved configs win; only an explicit --steps extends (or shortens) it
         model, tc = None, (tc if args.steps is not None else None)
     summary = train.pretrain(args.out, corpus=args.corpus, model=model, train=tc, resume=args.resume,
-                             vocab_path=args.vocab, stop_after=args.stop_after)
+                             vocab_path=args.vocab, stop_after=args.stop_after, max_minutes=args.max_minutes)
     print(train.summary_line(summary))
     return 0
 
@@ -122,15 +123,25 @@ def _reader(args):
 
 def cmd_finetune(args):
     from minielectra import finetune
+    from minielectra.lstm_classifier import LSTMConfig
 
+    lstm_model = None
+    if args.model == "lstm":  # its own config fields; the rest of --set goes to the training config
+        lstm_fields = set(LSTMConfig.__dataclass_fields__)
+        sets = [s.partition("=") for s in args.set or []]
+        lstm_model = cfgmod.override(LSTMConfig(), {n: v for n, eq, v in sets if eq and n in lstm_fields})
+        args.set = [n + eq + v for n, eq, v in sets if not (eq and n in lstm_fields)]
     model, tc = _configs(args)
+    if args.lr is None:
+        tc = cfgmod.override(tc, {"learning_rate": finetune.DEFAULT_LR["lstm" if args.model == "lstm" else "electra"]})
     model_fields = set(cfgmod.ElectraConfig.__dataclass_fields__)
     overrides = {n: v for n, _, v in (s.partition("=") for s in args.set or []) if n in model_fields}
+    transformer_init = args.init and args.model != "lstm"
     summary = finetune.finetune(args.out, data=args.data, task=args.task, dev=args.dev, init=args.init,
-                                model=None if args.init else model, train=tc, epochs=args.epochs,
+                                model=lstm_model or (None if args.init else model), train=tc, epochs=args.epochs,
                                 layer_decay=args.layer_decay, warmup_fraction=args.warmup_fraction,
-                                reader=_reader(args), max_rows=args.max_rows,
-                                model_overrides=overrides if args.init else None)
+                                reader=_reader(args), max_rows=args.max_rows, kind=args.model,
+                                model_overrides=overrides if transformer_init else None)
     print(finetune.summary_line(summary))
     return 0
 
@@ -193,13 +204,16 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="minielectra", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pre-train ELECTRA (generator + discriminator) on a corpus")
-    p.add_argument("--corpus", default=None,
-                   help="UTF-8 text file or folder of .txt files; default: the Python standard library's docstrings")
+    p = sub.add_parser("pretrain", help="pre-train ELECTRA (generator + discriminator), or a masked LM, on a corpus")
+    p.add_argument("--corpus", action="append", default=None,
+                   help="UTF-8 text file or folder of .txt files, repeatable (read together); default: the Python "
+                        "standard library's docstrings")
     p.add_argument("--out", default="runs/pretrain", help="run folder for checkpoints, metrics and the plot")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--vocab", default=None, help="an existing vocab.txt (BERT format) instead of training one")
     p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (with a checkpoint) once the training loop has run this many minutes")
     _add_config_flags(p)
     _add_backend(p)
     p.set_defaults(func=cmd_pretrain)
@@ -218,6 +232,10 @@ def build_parser():
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("finetune", help="fine-tune a classifier (from a pre-training run, or random init)")
+    p.add_argument("--model", default=None, choices=("electra", "mlm", "scratch", "lstm"),
+                   help="electra / mlm: the encoder of an --init run of that objective; scratch: the same encoder, "
+                        "random init (with --init: the run's config and vocab); lstm: embedding -> LSTM -> dense "
+                        "(with --init: the run's vocab). Default: the --init run's objective, else scratch")
     p.add_argument("--init", default=None, help="pre-training run folder; omit for a random init")
     p.add_argument("--data", default=None, help="labelled training file, or a folder with train.tsv (and dev.tsv)")
     p.add_argument("--task", default=None, choices=("sst2",), help="a GLUE task: its layout; downloaded without --data")
@@ -225,7 +243,8 @@ def build_parser():
     p.add_argument("--out", default="runs/finetune", help="model folder (the best epoch by validation accuracy)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (ELECTRA-Small: 3e-4)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 3e-4 as ELECTRA-Small; 1e-3 for --model lstm)")
     p.add_argument("--seq", type=int, default=128, help="tokens per example, [CLS] and [SEP] included")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layer-decay", type=float, default=0.8, help="layer-wise lr decay (ELECTRA-Small: 0.8)")

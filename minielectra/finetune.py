@@ -1,7 +1,7 @@
 """Fine-tuning, evaluating and predicting with a sequence classifier (ELECTRA's discriminator + a head).
 
-    finetune(out_dir, data=..., task=..., init=runs/NAME)   train, keep the best epoch by validation accuracy
-                                                             (ties: the lower validation loss)
+    finetune(out_dir, data=..., task=..., init=runs/NAME, kind=...)   train, keep the best epoch by validation
+                                                             accuracy (ties: the lower validation loss)
     evaluate(model_dir, data_path)                           accuracy, F1, confusion matrix
     predict(model_dir, texts)                                label and probability per text
 
@@ -9,6 +9,14 @@ The recipe is ELECTRA's for GLUE (Clark et al. 2020, appendix; the official `fin
 0.01, linear warmup over the first 10 % of the steps then linear decay to 0, learning rate 3e-4 for Small, and
 layer-wise learning-rate decay 0.8: the head learns at the full rate, each encoder layer below it at 0.8 times the one
 above, the embeddings slowest.
+
+The model kinds (`kind`, the CLI's --model), compared by `minielectra experiment electra-vs-mlm`:
+    electra   the encoder of an ELECTRA pre-training run (--init, a run with objective electra)
+    mlm       the same encoder pre-trained as a BERT-style masked LM (--init, a run with objective mlm)
+    scratch   the same encoder, randomly initialised; with --init, the run's config and vocab (not its weights)
+    lstm      embedding -> LSTM -> dense (lstm_classifier.py), from scratch; with --init, the run's vocab. Its
+              learning rate defaults to 1e-3 (DEFAULT_LR), the usual Adam rate for an LSTM, and has no layer decay
+Without a kind, a run given with --init is fine-tuned as its objective says, and no --init means scratch.
 
 A fine-tuned model folder holds:
     model.safetensors   the params, with the config, vocab, label names and reader settings in its metadata
@@ -30,6 +38,7 @@ from minielectra import checkpoint as ckpt
 from minielectra import classifier as clf
 from minielectra import config as cfgmod
 from minielectra import data as datamod
+from minielectra import lstm_classifier as lstm_clf
 from minielectra.backend import dispatch
 from minielectra.optim import AdamWState, adamw_init, clip_scale, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
@@ -37,6 +46,8 @@ from minielectra.tokenizer import WordPieceTokenizer
 MODEL_FILE = "model.safetensors"
 PRETRAIN_CHECKPOINT = "checkpoint.safetensors"  # train.CHECKPOINT, the file a pre-training run folder holds
 EVAL_BATCH = 64
+KINDS = ("electra", "mlm", "scratch", "lstm")
+DEFAULT_LR = {"electra": 3e-4, "mlm": 3e-4, "scratch": 3e-4, "lstm": 1e-3}
 
 
 def _log(msg):
@@ -48,18 +59,61 @@ def _log(msg):
 
 def load_pretrained(init):
     """(params, ElectraConfig, vocab list) of a pre-training run folder (or its checkpoint file)."""
+    params, model, _, vocab = load_pretrained_run(init)
+    return params, model, vocab
+
+
+def load_pretrained_run(init):
+    """(params, ElectraConfig, TrainConfig, vocab list) of a pre-training run; TrainConfig.objective says which."""
     path = Path(init)
     if path.is_dir():
         path = path / PRETRAIN_CHECKPOINT
     saved = ckpt.load_checkpoint(path)
-    model, _ = cfgmod.from_json(saved.config_json)
+    model, train = cfgmod.from_json(saved.config_json)
     vocab = saved.vocab
     if vocab is None:
         vocab_file = path.parent / "vocab.txt"
         if not vocab_file.exists():
             raise ckpt.CheckpointError(f"{path} was saved without a vocab and there is no {vocab_file}")
         vocab = WordPieceTokenizer.load(vocab_file).vocab
-    return saved.params, model, vocab
+    return saved.params, model, train, vocab
+
+
+def resolve_kind(kind, init, objective):
+    """The model kind to fine-tune, checked against --init and the run's objective (None when there is no run)."""
+    if kind is None:
+        return objective if init is not None else "scratch"
+    if kind not in KINDS:
+        raise cfgmod.ConfigError(f"unknown model {kind!r}: choose one of {', '.join(KINDS)}")
+    if kind in ("electra", "mlm"):
+        if init is None:
+            raise cfgmod.ConfigError(f"--model {kind} fine-tunes a pre-trained encoder: give --init, a run of "
+                                     f"`minielectra pretrain --objective {kind}`")
+        if objective != kind:
+            raise cfgmod.ConfigError(f"--model {kind} needs a run pre-trained with --objective {kind}, but {init} was "
+                                     f"pre-trained with --objective {objective}: use --model {objective} or another "
+                                     "--init")
+    return kind
+
+
+def _module(config):
+    """The classifier module for a model config: the LSTM baseline's, or the Transformer's."""
+    return lstm_clf if isinstance(config, lstm_clf.LSTMConfig) else clf
+
+
+def config_json(model, train):
+    """config.json of a fine-tuned model: the Transformer's {"model", "train"}, or the LSTM's {"lstm", "train"}."""
+    if isinstance(model, lstm_clf.LSTMConfig):
+        return json.dumps({"lstm": model.to_dict(), "train": dataclasses.asdict(train)}, indent=2)
+    return cfgmod.to_json(model, train)
+
+
+def config_from_json(text):
+    """(model config, TrainConfig) from config_json's output."""
+    data = json.loads(text)
+    if isinstance(data, dict) and "lstm" in data:
+        return lstm_clf.LSTMConfig.from_dict(data["lstm"]), cfgmod.from_json(json.dumps({"train": data["train"]}))[1]
+    return cfgmod.from_json(text)
 
 
 def task_reader(task):
@@ -127,7 +181,7 @@ def predict_logits(params, config, num_labels, enc: Encoded, batch_size=EVAL_BAT
     for start in range(0, n, batch_size):
         rows = order[start:start + batch_size]
         ids, mask, types = _trim(enc.input_ids[rows], enc.attention_mask[rows], enc.token_type_ids[rows])
-        logits[rows] = clf.forward(params, (ids, mask, types, None), config, num_labels)[1]
+        logits[rows] = _module(config).forward(params, (ids, mask, types, None), config, num_labels)[1]
     return logits
 
 
@@ -170,18 +224,20 @@ def _grouped_adamw(params, grads, state, lr, tc, scales, grad_scale):
 
 
 def _save_model(out, params, model, tc, vocab, names, reader, extra):
-    meta = {"config": cfgmod.to_json(model, tc), "vocab": "\n".join(vocab), "labels": json.dumps(names),
+    meta = {"config": config_json(model, tc), "vocab": "\n".join(vocab), "labels": json.dumps(names),
             "reader": json.dumps(reader), **{k: json.dumps(v) for k, v in extra.items()}}
     ckpt.save_params(out / MODEL_FILE, params, meta)
 
 
 def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, train=None, epochs=3, layer_decay=0.8,
              warmup_fraction=0.1, dev_fraction=0.1, reader=None, max_rows=None, model_overrides=None, cache_dir=None,
-             progress=True):
+             progress=True, kind=None):
     """Fine-tune a classifier into out_dir; return a summary dict (best epoch, its validation metrics, times).
 
+    kind: electra, mlm, scratch or lstm (see the module docstring); None: as init's objective, else scratch.
     init: a pre-training run folder (its discriminator, vocab and config are used), or None for a random init with a
-    WordPiece vocab trained on the training texts (model: its ElectraConfig, the 'tiny' preset when None).
+    WordPiece vocab trained on the training texts (model: its ElectraConfig, the 'tiny' preset when None; for lstm,
+    an LSTMConfig, the defaults when None).
     train: a TrainConfig whose learning_rate, batch_size, seq_len, seed, weight_decay, Adam settings and max_grad_norm
     are used (steps and warmup follow from epochs and warmup_fraction). dev: a labelled file; without one,
     dev_fraction of the training rows (chosen by the seed) are held out. max_rows: use only the first N training rows.
@@ -189,8 +245,10 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
     """
     t_begin = time.perf_counter()
     out = Path(out_dir)
+    run = load_pretrained_run(init) if init is not None else None
+    kind = resolve_kind(kind, init, run[2].objective if run else None)
     base_model, base_train = cfgmod.preset("tiny")
-    tc = train or dataclasses.replace(base_train, learning_rate=3e-4, batch_size=32, seq_len=128)
+    tc = train or dataclasses.replace(base_train, learning_rate=DEFAULT_LR[kind], batch_size=32, seq_len=128)
     reader = reader or task_reader(task)
     if not epochs or epochs < 1:
         raise cfgmod.ConfigError(f"epochs must be at least 1, got {epochs}")
@@ -209,44 +267,57 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
     reader = {**reader, "pairs": rows.pairs is not None}  # predict() must know whether to expect 'a<TAB>b'
 
     t0 = time.perf_counter()
-    if init is not None:
-        pre_params, model, vocab = load_pretrained(init)
-        tok = WordPieceTokenizer(vocab)
+    pre_params = run[0] if kind in ("electra", "mlm") else None  # scratch and lstm take only the run's vocab
+    if run is not None:
+        tok = WordPieceTokenizer(run[3])
     else:
-        pre_params = None
-        model = model or base_model
         texts = rows.texts + (rows.pairs or [])
-        tok = datamod.train_or_load_tokenizer(texts, model.vocab_size, cache_dir)
-        from minielectra.train import with_tokenizer
-
-        model = with_tokenizer(model, tok)
-    if model_overrides:
-        model = cfgmod.override(model, model_overrides)
-    model.validate()
-    tc.validate(model)
+        tok = datamod.train_or_load_tokenizer(texts, (model or base_model).vocab_size, cache_dir)
     num_labels = len(names)
-    try:
-        params = clf.init_classifier(model, num_labels, np.random.default_rng(tc.seed), init_params=pre_params)
-    except ValueError as e:
-        raise ckpt.CheckpointError(f"{init}: {e}") from None
+    if kind == "lstm":
+        if model is not None and not isinstance(model, lstm_clf.LSTMConfig):
+            raise TypeError(f"the lstm model takes an LSTMConfig, not a {type(model).__name__}")
+        model = dataclasses.replace(model or lstm_clf.LSTMConfig(), vocab_size=tok.vocab_size)
+        if model_overrides:
+            model = cfgmod.override(model, model_overrides)
+        model.validate()
+        tc.validate()
+        params = lstm_clf.init_classifier(model, num_labels, np.random.default_rng(tc.seed))
+        scales = lstm_clf.layer_lr_scales(params)
+    else:
+        if run is not None:
+            model = run[1]
+        else:
+            from minielectra.train import with_tokenizer
+
+            model = with_tokenizer(model or base_model, tok)
+        if model_overrides:
+            model = cfgmod.override(model, model_overrides)
+        model.validate()
+        tc.validate(model)
+        try:
+            params = clf.init_classifier(model, num_labels, np.random.default_rng(tc.seed), init_params=pre_params)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{init}: {e}") from None
+        scales = clf.layer_lr_scales(params, model.num_hidden_layers, layer_decay)
     tr = encode(tok, rows, names, tc.seq_len)
     dv = encode(tok, dev_rows, names, tc.seq_len)
     n = len(tr.labels)
     steps_per_epoch = -(-n // tc.batch_size)
     total = epochs * steps_per_epoch
     tc = dataclasses.replace(tc, steps=total, warmup_steps=int(round(warmup_fraction * total)))
-    scales = clf.layer_lr_scales(params, model.num_hidden_layers, layer_decay)
     _log(f"data: {n} training and {len(dv.labels)} validation rows from {train_path}"
          f"{' and ' + str(dev_path) if dev_path else ' (held-out split)'}; labels {names}; "
          f"{'pairs' if rows.pairs is not None else 'single sentences'}, seq_len {tc.seq_len} "
          f"({time.perf_counter() - t0:.1f} s)")
-    _log(f"model: {'from ' + str(init) if init else 'random init'}, {clf_params(params) / 1e6:.2f} M parameters, "
-         f"vocab {tok.vocab_size}; {epochs} epoch(s) x {steps_per_epoch} steps of batch {tc.batch_size}, lr "
-         f"{tc.learning_rate:g} (warmup {tc.warmup_steps} steps, layer decay {layer_decay})")
+    _log(f"model: {kind}, {'from ' + str(init) if pre_params is not None else 'random init'}, "
+         f"{clf_params(params) / 1e6:.2f} M parameters, vocab {tok.vocab_size}; {epochs} epoch(s) x "
+         f"{steps_per_epoch} steps of batch {tc.batch_size}, lr {tc.learning_rate:g} (warmup {tc.warmup_steps} steps"
+         f"{', layer decay ' + str(layer_decay) if kind != 'lstm' else ''})")
 
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "vocab.txt")
-    (out / "config.json").write_text(cfgmod.to_json(model, tc))
+    (out / "config.json").write_text(config_json(model, tc))
     (out / "labels.json").write_text(json.dumps(names) + "\n")
     (out / "metrics.jsonl").write_text("")
 
@@ -269,8 +340,8 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
                 rows_b = order[b * tc.batch_size:(b + 1) * tc.batch_size]
                 ids, mask, types = _trim(tr.input_ids[rows_b], tr.attention_mask[rows_b], tr.token_type_ids[rows_b])
                 labels = tr.labels[rows_b]
-                loss, logits, grads = clf.loss_and_grads(params, (ids, mask, types, labels), model, num_labels,
-                                                         dropout_rng, train=True)
+                loss, logits, grads = _module(model).loss_and_grads(params, (ids, mask, types, labels), model,
+                                                                    num_labels, dropout_rng, train=True)
                 norm, clip = clip_scale(grads, tc.max_grad_norm)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     raise TrainingError(f"epoch {epoch} step {b + 1}: the loss is {loss} and the gradient norm {norm}: "
@@ -294,7 +365,7 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
             if improved:
                 best = record
                 _save_model(out, params, model, tc, tok.vocab, names, reader,
-                            {"epoch": epoch, "val_accuracy": val["accuracy"], "task": task})
+                            {"epoch": epoch, "val_accuracy": val["accuracy"], "task": task, "model": kind})
             history.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -304,7 +375,7 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
             if stop.requested:
                 _log(f"Ctrl-C: stopped in epoch {epoch}; the best model is in {out / MODEL_FILE}")
                 break
-    return {"out": str(out), "model": str(out / MODEL_FILE), "best": best, "history": history,
+    return {"out": str(out), "model": str(out / MODEL_FILE), "kind": kind, "best": best, "history": history,
             "labels": names, "train_rows": n, "val_rows": int(len(dv.labels)),
             "seconds": time.perf_counter() - t_begin}
 
@@ -324,11 +395,12 @@ def summary_line(s):
 
 class Classifier(NamedTuple):
     params: dict
-    config: cfgmod.ElectraConfig
+    config: object  # ElectraConfig, or LSTMConfig for the LSTM baseline
     tokenizer: WordPieceTokenizer
     labels: list  # label names in id order
     reader: dict  # how the training file was read
     seq_len: int
+    kind: str  # electra, mlm, scratch or lstm; None for a model saved before the kind was recorded
 
 
 def load_classifier(model_dir):
@@ -341,9 +413,9 @@ def load_classifier(model_dir):
     if missing:
         raise ckpt.CheckpointError(f"{path} is not a fine-tuned classifier (its metadata lacks {', '.join(missing)}): "
                                    "give the --out folder of `minielectra finetune`")
-    model, tc = cfgmod.from_json(meta["config"])
+    model, tc = config_from_json(meta["config"])
     return Classifier(params, model, WordPieceTokenizer(meta["vocab"].split("\n")), json.loads(meta["labels"]),
-                      json.loads(meta["reader"]), tc.seq_len)
+                      json.loads(meta["reader"]), tc.seq_len, json.loads(meta.get("model", "null")))
 
 
 def evaluate(model_dir, data, reader=None, batch_size=EVAL_BATCH):

@@ -227,3 +227,86 @@ def test_layer_wise_learning_rates_equal_per_parameter_adamw():
         adamw_step(one, {k: grads[k]}, adamw_init(one), 1e-2 * scales[k], train, grad_scale=0.5)
         np.testing.assert_array_equal(fast[k], one[k])
     assert len(set(scales.values())) == 4  # embeddings, layer 0, layer 1, head
+
+
+def test_lstm_learns_a_separable_task(tmp_path, capsys):
+    from minielectra.lstm_classifier import LSTMConfig
+
+    _, train = _small_configs()
+    train = dataclasses.replace(train, learning_rate=1e-2)
+    s = F.finetune(tmp_path / "lstm", data=make_tsv(tmp_path / "train.tsv", 400, 0), kind="lstm",
+                   model=LSTMConfig(vocab_size=200, embedding_size=16, hidden_size=16), train=train, epochs=6,
+                   progress=False)
+    assert "model: lstm, random init" in capsys.readouterr().out
+    assert s["kind"] == "lstm" and s["best"]["val_accuracy"] > 0.95
+    m = F.load_classifier(tmp_path / "lstm")
+    assert m.kind == "lstm" and isinstance(m.config, LSTMConfig) and m.config.hidden_size == 16
+    assert json.loads((tmp_path / "lstm" / "config.json").read_text())["lstm"]["embedding_size"] == 16
+    r = F.evaluate(tmp_path / "lstm", make_tsv(tmp_path / "test.tsv", 200, 1))
+    assert r["accuracy"] > 0.95
+    (label, p, _), = F.predict(tmp_path / "lstm", ["the film was wonderful and superb"])
+    assert label == "1" and p > 0.5
+
+
+def test_cli_lstm_round_trip(tmp_path, capsys):
+    train = make_plain(tmp_path / "train.txt", 200, 2)
+    out = tmp_path / "m"
+    assert main(["finetune", "--model", "lstm", "--data", str(train), "--out", str(out), "--epochs", "1",
+                 "--set", "hidden_size=8", "--set", "dropout=0.0", "--set", "vocab_size=150", "--seq", "32",
+                 "--backend", "numpy"]) == 0
+    printed = capsys.readouterr().out
+    assert "model: lstm" in printed and "lr 0.001 " in printed and "layer decay" not in printed  # its own lr default
+    m = F.load_classifier(out)
+    assert (m.config.hidden_size, m.config.dropout) == (8, 0.0)
+    assert main(["evaluate", "--model", str(out), "--data", str(train), "--backend", "numpy"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["predict", "--model", str(out), "--backend", "numpy", "an awful story"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].split("\t")[0] in ("neg", "neu", "pos")
+
+
+def test_model_kinds_check_the_init_runs_objective(tmp_path, capsys):
+    from minielectra import train as T
+
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n\n".join(_sentence(rng, rng.choice(POSITIVE + NEGATIVE)) for _ in range(200)))
+    model, train = _small_configs()
+    train = dataclasses.replace(train, steps=2, batch_size=4, warmup_steps=1)
+    for objective in ("electra", "mlm"):
+        T.pretrain(tmp_path / objective, corpus=corpus, model=model,
+                   train=dataclasses.replace(train, objective=objective), progress=False)
+    data = str(make_tsv(tmp_path / "t.tsv", 40, 0))
+
+    def finetune(*argv):
+        return main(["finetune", "--data", data, "--epochs", "1", "--seq", "32", "--backend", "numpy", *argv])
+
+    assert finetune("--model", "mlm", "--init", str(tmp_path / "electra"), "--out", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err
+    assert "--model mlm needs a run pre-trained with --objective mlm" in err and "--objective electra" in err
+    assert finetune("--model", "electra", "--out", str(tmp_path / "x")) == 2
+    assert "--model electra fine-tunes a pre-trained encoder: give --init" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    pre = ckpt.load_checkpoint(tmp_path / "mlm" / "checkpoint.safetensors")
+    assert finetune("--model", "mlm", "--init", str(tmp_path / "mlm"), "--out", str(tmp_path / "m"), "--lr",
+                    "1e-12") == 0
+    m = F.load_classifier(tmp_path / "m")
+    assert m.kind == "mlm" and m.tokenizer.vocab == pre.vocab
+    for k in m.params:
+        if not k.startswith("classifier."):  # the encoder is the MLM run's (a learning rate of 1e-12 keeps it)
+            np.testing.assert_allclose(m.params[k], pre.params[k], atol=1e-6)
+    assert finetune("--init", str(tmp_path / "mlm"), "--out", str(tmp_path / "d")) == 0  # the run's objective
+    assert F.load_classifier(tmp_path / "d").kind == "mlm"
+
+    assert finetune("--model", "scratch", "--init", str(tmp_path / "electra"), "--out", str(tmp_path / "s"),
+                    "--lr", "1e-12") == 0
+    s = F.load_classifier(tmp_path / "s")
+    pre = ckpt.load_checkpoint(tmp_path / "electra" / "checkpoint.safetensors")
+    assert s.kind == "scratch" and s.tokenizer.vocab == pre.vocab and s.config.hidden_size == model.hidden_size
+    assert set(s.params) == set(m.params)
+    assert not np.allclose(s.params[F.clf.EMB + ".word_embeddings.weight"],
+                           pre.params[F.clf.EMB + ".word_embeddings.weight"], atol=1e-6)  # random, not the run's
+
+    assert finetune("--model", "lstm", "--init", str(tmp_path / "electra"), "--out", str(tmp_path / "l")) == 0
+    lstm = F.load_classifier(tmp_path / "l")
+    assert lstm.kind == "lstm" and lstm.tokenizer.vocab == pre.vocab and lstm.config.vocab_size == len(pre.vocab)
