@@ -6,8 +6,10 @@ active backend: a Numba kernel for NumPy arrays under the `numba` backend, a CUD
 the reference. Kernels are imported lazily so that numba and cupy stay optional extras.
 """
 
+import functools
 import importlib
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,13 +18,92 @@ _EXTRA = {"numba": "numba", "cupy": "cuda12' or '.[cuda13"}
 _active = None
 
 
-def get_xp(*arrays):
-    """The array module (numpy or cupy) that owns `arrays`; numpy when none is a CuPy array."""
-    for a in arrays:
-        if type(a).__module__.startswith("cupy"):
-            import cupy
+# Device array types other than CuPy's, {type: DeviceModule}: the tests register a fake device (tests/fake_device.py)
+# here, so that the code paths CuPy arrays take run, and are checked for host transfers, on a machine without a GPU.
+_registered = {}
 
-            return cupy
+
+class DeviceModule(NamedTuple):
+    """How the code reaches a device array library: its NumPy-like module, its scipy.special-like module (erf), and
+    the kernel package dispatch uses for its arrays (None: the reference ops)."""
+    xp: object
+    special: object
+    kernels: object = "kernels.cupy_gpu"
+
+
+def register_device(array_type, module: DeviceModule):
+    """Treat arrays of `array_type` as device arrays owned by `module.xp` (get_xp, dispatch, erf)."""
+    _registered[array_type] = module
+
+
+def unregister_device(array_type):
+    _registered.pop(array_type, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_module():
+    import cupy
+    import cupyx.scipy.special
+
+    return DeviceModule(cupy, cupyx.scipy.special)
+
+
+def device_module(*arrays):
+    """The DeviceModule of the first device array among `arrays`, or None when they all live on the host."""
+    for a in arrays:
+        t = type(a)
+        if t in _registered:
+            return _registered[t]
+        if t.__module__.startswith("cupy"):
+            return _cupy_module()
+    return None
+
+
+def get_xp(*arrays):
+    """The array module (numpy, cupy or a registered device module) that owns `arrays`; numpy when none is a device
+    array."""
+    m = device_module(*arrays)
+    return np if m is None else m.xp
+
+
+def on_device(*arrays):
+    """True when any of `arrays` lives on a device (a CuPy array): reading its values costs a transfer and a sync."""
+    return device_module(*arrays) is not None
+
+
+def special(xp):
+    """scipy.special for numpy, cupyx.scipy.special for cupy (or the registered device module's)."""
+    if xp is np:
+        import scipy.special
+
+        return scipy.special
+    for m in _registered.values():
+        if m.xp is xp:
+            return m.special
+    return _cupy_module().special
+
+
+def asnumpy(a):
+    """`a` as a NumPy array: an explicit device-to-host copy for a device array, `a` itself on the host."""
+    return a if not on_device(a) else get_xp(a).asnumpy(a)
+
+
+def host_values(values):
+    """A dict of scalars with its 0-d device arrays replaced by Python floats; they cross to the host in one transfer
+    (stacked first), not one synchronising float() each. Host values are kept as they are."""
+    out = dict(values)
+    dev = [k for k, v in values.items() if on_device(v)]
+    if dev:
+        xp = get_xp(values[dev[0]])
+        stacked = asnumpy(xp.stack([xp.asarray(values[k], dtype=xp.float64) for k in dev]))
+        out.update(zip(dev, stacked.tolist()))
+    return out
+
+
+def array_module():
+    """The array module a run keeps its params, optimizer state and batches in: cupy under the cupy backend."""
+    if active_backend() == "cupy":
+        return _cupy_module().xp
     return np
 
 
@@ -107,9 +188,9 @@ def kernel_names():
 def dispatch(op_name, *arrays):
     """The implementation of `op_name` to call on `arrays`: a kernel where the active backend has one, else the reference."""
     reference = _OP_MODULES[op_name]
-    xp = get_xp(*arrays)
-    if xp is not np:
-        package = "kernels.cupy_gpu"
+    device = device_module(*arrays)
+    if device is not None:
+        package = device.kernels
     elif active_backend() == "numba":
         package = "kernels.numba_cpu"
     else:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minielectra.backend import dispatch
+from minielectra.backend import dispatch, get_xp
 from minielectra.config import ElectraConfig
 from minielectra.electra import DISC, EMB, encoder_dims
 from minielectra.nn import init_params as fresh_params
@@ -88,7 +88,7 @@ def _check_batch(batch, config):
     checks.ndim("input_ids", input_ids, 2, "(B, T)")
     checks.shape("attention_mask", attention_mask, input_ids.shape, "(B, T) like input_ids")
     checks.shape("token_type_ids", token_type_ids, input_ids.shape, "(B, T) like input_ids")
-    if input_ids.size and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+    if input_ids.size and checks.readable(input_ids) and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
         raise ValueError(f"input_ids must lie in [0, vocab_size {config.vocab_size}): was the data tokenised with "
                          "this model's vocab?")
     if labels is not None:
@@ -104,6 +104,14 @@ def forward(params, batch, config: ElectraConfig, num_labels, rng=None, train=Fa
     (a numpy Generator), in a fixed order, so the same seed replays the same masks.
     """
     input_ids, attention_mask, token_type_ids, labels = _check_batch(batch, config)
+    if labels is not None and labels.size and checks.readable(labels) and (int(labels.min()) < 0
+                                                                          or int(labels.max()) >= num_labels):
+        raise ValueError(f"labels must lie in [0, {num_labels}), got values in [{int(labels.min())}, "
+                         f"{int(labels.max())}]")
+    # A host batch is checked above for free, then copied to the params' device (no-ops on the host).
+    xp = get_xp(params[f"{HEAD}.out_proj.weight"])
+    input_ids, attention_mask, token_type_ids = (xp.asarray(a) for a in (input_ids, attention_mask, token_type_ids))
+    labels = None if labels is None else xp.asarray(labels)
     d = encoder_dims(config, DISC)
     p = d.hidden_dropout if train else 0.0
     h, enc = electra_encoder_forward(params, ENCODER, EMB, input_ids, token_type_ids, attention_mask, d, train,
@@ -118,9 +126,6 @@ def forward(params, batch, config: ElectraConfig, num_labels, rng=None, train=Fa
         raise ValueError(f"the params' head has {logits.shape[1]} labels, not num_labels {num_labels}")
     loss = dlogits = None
     if labels is not None:
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-            raise ValueError(f"labels must lie in [0, {num_labels}), got values in [{int(labels.min())}, "
-                             f"{int(labels.max())}]")
         loss, dlogits = dispatch("softmax_cross_entropy", logits)(logits, labels)
     return loss, logits, ClassifierCache(enc, tuple(h.shape), drop1, dense, gelu, drop2, out, dlogits)
 
@@ -138,7 +143,7 @@ def backward(params, cache: ClassifierCache, dlogits=None):
     dx, dW = matmul_backward(dx, cache.dense)
     grads[f"{HEAD}.dense.weight"] += dW
     dx = dropout_backward(dx, cache.drop1)
-    dh = np.zeros(cache.shape, dtype=dx.dtype)  # (B, T, C): only the [CLS] position feeds the head
+    dh = get_xp(dx).zeros(cache.shape, dtype=dx.dtype)  # (B, T, C): only the [CLS] position feeds the head
     dh[:, 0] = dx  # inverts `x = h[:, 0]`
     electra_encoder_backward(dh, cache.encoder, grads, ENCODER, EMB)
     return grads

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minielectra.backend import dispatch, get_xp
+from minielectra.backend import asnumpy, dispatch, get_xp, on_device
 from minielectra.config import ElectraConfig
 from minielectra.nn import init_params, zeros_like
 from minielectra.nn.encoder import (EncoderDims, electra_encoder_backward, electra_encoder_forward, embeddings_shapes,
@@ -106,6 +106,9 @@ def gumbel_sample(logits, temperature, rng):
     """One token per row of logits (N, V), drawn from softmax(logits / temperature) by the Gumbel-max trick:
     argmax(logits / t + g) with g = -log(-log(u)) is distributed exactly as that softmax, with no normalisation.
     The 1e-9 guards are the official code's: they keep log(0) out for u = 0.
+
+    `rng` is a Generator of the logits' array module: numpy's for NumPy logits, cupy.random's for CuPy logits, so the
+    (N, V) noise (N x V floats, 300 MB a step for ELECTRA-Small) is drawn where it is used instead of being copied up.
     """
     u = rng.random(logits.shape, dtype=np.float32)
     xp = get_xp(logits)
@@ -132,7 +135,9 @@ class Output(NamedTuple):
 
 
 def _check_batch(batch, config):
-    input_ids, attention_mask = batch
+    """The batch as host arrays, checked. Masking runs on the host (see `forward`), so a batch already on the device
+    is copied down: give forward the host batch, as the trainer does, and nothing crosses back."""
+    input_ids, attention_mask = (asnumpy(a) for a in batch)
     checks.int_array("input_ids", input_ids)
     checks.ndim("input_ids", input_ids, 2, "(B, T)")
     checks.shape("attention_mask", attention_mask, input_ids.shape, "(B, T) like input_ids")
@@ -149,24 +154,37 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
     generator's weights move. Each phase (masking, generator dropout, sampling, discriminator dropout) draws from its
     own Generator seeded from rng, so replaying one phase leaves the others' draws as they were, and rng advances by
     the same amount every step (which makes a resumed run continue exactly).
+
+    On a device (params as CuPy arrays) everything runs there but the masking: it is (B, T) integer work on the host,
+    where the batch comes from, and it fixes N, the number of picks that sizes the generator head, which the host
+    must know. The ids, masked ids, attention mask and picked rows are then copied up (small host-to-device copies,
+    which do not wait for the device); losses and metrics come back as 0-d device arrays, so nothing crosses to the
+    host during the step. The Gumbel noise is drawn on the device from the sampling seed: a device run draws other
+    samples than a NumPy run of the same seed (equally distributed), and replays its own exactly.
     """
     input_ids, attention_mask = _check_batch(batch, config)
     B, T = input_ids.shape
-    mask_rng, gen_rng, sample_rng, disc_rng = (np.random.default_rng(s) for s in rng.integers(2**63, size=4))
-    types = np.zeros_like(input_ids)
+    xp = get_xp(params[WORDS])
+    seeds = rng.integers(2**63, size=4)
+    mask_rng, gen_rng, disc_rng = (np.random.default_rng(seeds[i]) for i in (0, 1, 3))
+    sample_rng = xp.random.default_rng(int(seeds[2]))
     m = mask_tokens(input_ids, attention_mask, config, mask_rng)
     picked = m.weights.reshape(-1) > 0
     rows = (np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked]  # (N,) flat positions
+    input_ids, attention_mask, masked_ids, rows = (xp.asarray(a) for a in (input_ids, attention_mask, m.masked_ids,
+                                                                            rows))  # no-ops on the host
+    types = xp.zeros_like(input_ids)
     targets = input_ids.reshape(-1)[rows]  # (N,) the original tokens
 
     gd = encoder_dims(config, GEN)
-    gh, gen = electra_encoder_forward(params, f"{GEN}.electra", EMB, m.masked_ids, types, attention_mask, gd,
+    gh, gen = electra_encoder_forward(params, f"{GEN}.electra", EMB, masked_ids, types, attention_mask, gd,
                                       train, gen_rng)  # (B, T, Cg)
     logits, gen_head = generator_head_forward(params, GEN, WORDS, gh.reshape(B * T, -1)[rows],
                                               config.layer_norm_eps)  # (N, V)
     mlm_loss, dmlm = dispatch("softmax_cross_entropy", logits)(logits, targets)
     if samples is None:
         samples = gumbel_sample(logits, config.temperature, sample_rng)  # (N,), outside the graph: no gradient
+    samples = xp.asarray(samples)
     corrupted = input_ids.copy()
     corrupted.reshape(-1)[rows] = samples
     labels = (corrupted != input_ids).astype(np.float32)  # (B, T): 1 = replaced
@@ -184,21 +202,27 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
 
 
 def _metrics(logits, targets, samples, dlogits, labels, real):
+    """Python floats for host arrays; 0-d float64 arrays on a device, copied to the host only when logged."""
+    xp = get_xp(dlogits)
     pred = dlogits > 0
     replaced = labels > 0
     real = real > 0
-    tp = float((pred & replaced & real).sum())
 
-    def ratio(a, b):
-        return a / b if b else 0.0  # e.g. precision when nothing was flagged: 0, not NaN, so logs stay plain JSON
+    def count(mask):
+        return xp.asarray(mask.sum(), dtype=xp.float64)
 
-    return {
-        "gen_acc": ratio(float((logits.argmax(axis=-1) == targets).sum()), len(targets)),
-        "disc_acc": ratio(float(((pred == replaced) & real).sum()), float(real.sum())),
-        "disc_precision": ratio(tp, float((pred & real).sum())),
-        "disc_recall": ratio(tp, float((replaced & real).sum())),
-        "replaced_frac": ratio(float((replaced & real).sum()), float(real.sum())),
+    def ratio(a, b):  # e.g. precision when nothing was flagged: 0, not NaN, so logs stay plain JSON
+        return xp.where(b > 0, a / xp.where(b > 0, b, 1.0), 0.0)
+
+    tp = count(pred & replaced & real)
+    metrics = {
+        "gen_acc": ratio(count(logits.argmax(axis=-1) == targets), xp.asarray(float(len(targets)))),
+        "disc_acc": ratio(count((pred == replaced) & real), count(real)),
+        "disc_precision": ratio(tp, count(pred & real)),
+        "disc_recall": ratio(tp, count(replaced & real)),
+        "replaced_frac": ratio(count(replaced & real), count(real)),
     }
+    return metrics if on_device(dlogits) else {k: float(v) for k, v in metrics.items()}
 
 
 def backward(output: Output, params, config: ElectraConfig):
@@ -209,7 +233,7 @@ def backward(output: Output, params, config: ElectraConfig):
     electra_encoder_backward(ddh, c.disc, grads, f"{DISC}.electra", EMB)
     dg = generator_head_backward(c.dmlm, c.gen_head, grads, GEN, WORDS)  # (N, Cg)
     B, T, Cg = c.shape
-    dgh = np.zeros((B * T, Cg), dtype=dg.dtype)
+    dgh = get_xp(dg).zeros((B * T, Cg), dtype=dg.dtype)
     dgh[c.gen_rows] = dg  # the head ran on picked positions only; the rest get no gradient from it
     electra_encoder_backward(dgh.reshape(B, T, Cg), c.gen, grads, f"{GEN}.electra", EMB)
     return grads

@@ -23,7 +23,7 @@ in place.
 import math
 from dataclasses import dataclass
 
-from minielectra.backend import get_xp
+from minielectra.backend import get_xp, on_device
 
 # The official exclude list: biases and LayerNorm weights are not decayed. Shrinking a bias or a LayerNorm gain towards
 # zero does not make the model simpler in any useful sense; it only fights the normalisation.
@@ -89,6 +89,9 @@ def clip_scale(grads, max_norm):
 
     A non-finite norm (an inf or NaN gradient) is returned as it is, with a NaN scale, as TensorFlow's clipping gives;
     the caller must check math.isfinite(global_norm) and decide (the trainer stops with a message).
+
+    For device gradients both are 0-d float64 device arrays, computed there (adamw_step takes the scale as it is):
+    the norm reaches the host only with the metrics it is logged with.
     """
     # Sum on the device and transfer once at the end: float() per tensor would synchronise a GPU once per parameter.
     # Sorted keys: a float sum depends on its order, and a resumed run's dict (read from a checkpoint) may be ordered
@@ -98,6 +101,11 @@ def clip_scale(grads, max_norm):
         g = grads[k]
         xp = get_xp(g)
         total = total + xp.sum(xp.square(g.astype(xp.float64)))
+    if on_device(total):
+        xp = get_xp(total)
+        norm = xp.sqrt(total)
+        scale = xp.where(norm <= max_norm, 1.0, max_norm / norm)
+        return norm, xp.where(xp.isfinite(norm), scale, xp.nan)
     norm = math.sqrt(float(total))
     if not math.isfinite(norm):
         return norm, math.nan
@@ -108,16 +116,20 @@ def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
     """One AdamW update of every parameter, in place; state.m, state.v and state.step are updated in place too.
 
     `config` is a TrainConfig (adam_beta1, adam_beta2, adam_epsilon, weight_decay); `lr` is this step's learning rate
-    (see learning_rate). The gradient used is grads[k] * grad_scale, so clipping costs no extra pass over the grads.
+    (see learning_rate). The gradient used is grads[k] * grad_scale, so clipping costs no extra pass over the grads;
+    grad_scale may be a 0-d device array (clip_scale's on a device), used without a transfer.
     """
     _check_matching(params, grads, state)
     b1, b2, eps, wd = config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay
     # Python floats, not NumPy float64 scalars: under NumPy's promotion rules a float64 scalar would turn every
     # float32 intermediate below into float64 (slower, and rounded differently from a float32 run).
-    lr, grad_scale = float(lr), float(grad_scale)
+    lr = float(lr)
+    if not on_device(grad_scale):
+        grad_scale = float(grad_scale)
     for k, p in params.items():
         xp = get_xp(p)
-        g = grads[k] * grad_scale
+        # A device scale is rounded to the param's dtype first, as NumPy rounds a Python float scalar: same result.
+        g = grads[k] * (grad_scale if isinstance(grad_scale, float) else grad_scale.astype(p.dtype))
         m, v = state.m[k], state.v[k]
         m *= b1
         m += (1 - b1) * g

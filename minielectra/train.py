@@ -22,7 +22,8 @@ from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
 from minielectra import data as datamod
 from minielectra import electra, mlm
-from minielectra.backend import dispatch
+from minielectra import backend
+from minielectra.backend import dispatch, on_device
 from minielectra.optim import adamw_init, clip_scale, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
 
@@ -56,7 +57,7 @@ def evaluate(params, input_ids, attention_mask, model, batch_size, seed=0, objec
         out = OBJECTIVES[objective].forward(params, (input_ids[rows], attention_mask[rows]), model, rng, train=False)
         for k, v in {**out.losses, **out.metrics}.items():
             totals[k] = totals.get(k, 0.0) + v / n
-    return totals
+    return backend.host_values(totals)  # on a device: summed there, one transfer per evaluation
 
 
 class _StopFlag:
@@ -148,6 +149,7 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
         rng = np.random.default_rng(train.seed + 2)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
+    params, state = _place(params, state, backend.array_module())
     tok.save(out / "vocab.txt")
     (out / "config.json").write_text(cfgmod.to_json(model, train))
     disc = sum(int(np.prod(v.shape)) for k, v in params.items() if k.startswith(electra.DISC))
@@ -161,6 +163,7 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
 
     end = train.steps if stop_after is None else min(train.steps, start + stop_after)
     first = last = None
+    pending = []  # records whose device scalars have not crossed to the host yet
     tokens = 0
     t_start = time.perf_counter()
     bar = tqdm(total=end - start, initial=0, disable=not progress, dynamic_ncols=True, unit="step")
@@ -172,26 +175,33 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
             batch = next(batches)
             losses, metrics, grads = objective.loss_and_grads(params, batch, model, rng, train=True)
             norm, scale = clip_scale(grads, train.max_grad_norm)
-            if not (math.isfinite(losses["loss"]) and math.isfinite(norm)):
-                raise TrainingError(
-                    f"step {step}: the loss is {losses['loss']} and the gradient norm {norm}; training has diverged. "
-                    f"The last good checkpoint is kept in {path}: lower --lr or raise warmup_steps and resume or "
-                    "restart")
             lr = learning_rate(step, train)
+            record = {"step": step + 1, **losses, **metrics, "lr": lr, "grad_norm": norm}
+            device = on_device(norm)
+            if not device:  # on the host the check is free, so a diverged step is caught before its update
+                _check_finite(record, path)
             dispatch("adamw_step", params[electra.WORDS])(params, grads, state, lr, train, grad_scale=scale)
             step += 1
             tokens += batch[0].size
-            tok_s = tokens / (time.perf_counter() - t_start)
-            record = {"step": step, **losses, **metrics, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s}
-            first = first or record
-            last = record
-            if step % train.log_every == 0 or step == end:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            bar.set_postfix_str(_postfix(losses, metrics) + f" {tok_s:,.0f} tok/s")
-            bar.update(1)
+            record["tokens_per_s"] = tokens / (time.perf_counter() - t_start)
+            pending.append(record)
             out_of_time = deadline is not None and time.perf_counter() >= deadline
-            if step % train.checkpoint_every == 0 or step == end or stop.requested or out_of_time:
+            checkpoint_now = step % train.checkpoint_every == 0 or step == end or stop.requested or out_of_time
+            if not device or step % train.log_every == 0 or step == end or checkpoint_now:
+                # A device run's losses, metrics and norms cross to the host here, the interval's all at once, and
+                # are checked before any checkpoint is written: a diverged step has updated the params in memory,
+                # but the last good checkpoint stays as it is.
+                for record in _host_records(pending):
+                    _check_finite(record, path)
+                    first = first or record
+                    last = record
+                    if record["step"] % train.log_every == 0 or record["step"] == end:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                pending = []
+                bar.set_postfix_str(_postfix(last, {}) + f" {last['tokens_per_s']:,.0f} tok/s")
+            bar.update(1)
+            if checkpoint_now:
                 ev = (evaluate(params, ev_ids, ev_mask, model, train.batch_size, objective=train.objective)
                       if len(ev_ids) else {})
                 if ev:
@@ -207,6 +217,28 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
     if last is not None:
         summary["plot"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png"))
     return summary
+
+
+def _place(params, state, xp):
+    """Params and AdamW moments in the array module `xp` (a no-op for numpy; a copy to the GPU for cupy)."""
+    params = {k: xp.asarray(v) for k, v in params.items()}
+    state.m = {k: xp.asarray(v) for k, v in state.m.items()}
+    state.v = {k: xp.asarray(v) for k, v in state.v.items()}
+    return params, state
+
+
+def _host_records(records):
+    """The records with their 0-d device arrays (losses, metrics, gradient norm) as floats, in one transfer."""
+    flat = backend.host_values({(i, k): v for i, r in enumerate(records) for k, v in r.items()})
+    return [{k: flat[i, k] for k in r} for i, r in enumerate(records)]
+
+
+def _check_finite(record, path):
+    if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+        raise TrainingError(
+            f"step {record['step'] - 1}: the loss is {record['loss']} and the gradient norm {record['grad_norm']}; "
+            f"training has diverged. The last good checkpoint is kept in {path}: lower --lr or raise warmup_steps and "
+            "resume or restart")
 
 
 def _truncate_metrics(path, step):

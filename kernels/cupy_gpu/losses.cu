@@ -37,12 +37,13 @@ ME_DEVICE T ls_block_reduce(T x, T* red) {
     return x;
 }
 
-// grid N, block LS_THREADS. rowloss[n] = w_n * log softmax(x_n)[t_n]; dlogits = (softmax - onehot) * (w_n / denom).
+// grid N, block LS_THREADS. rowloss[n] = w_n * log softmax(x_n)[t_n]; dlogits = (softmax - onehot) * (w_n / *denom).
 template <typename T>
 ME_DEVICE void ls_softmax_ce(const T* __restrict__ logits, const long long* __restrict__ targets,
-                             const T* __restrict__ weights, T denom, T* __restrict__ dlogits, T* __restrict__ rowloss,
-                             int V) {
+                             const T* __restrict__ weights, const T* __restrict__ denom_ptr, T* __restrict__ dlogits,
+                             T* __restrict__ rowloss, int V) {
     __shared__ T red[32];
+    const T denom = *denom_ptr;  // sum(w) stays on the device: no transfer before the launch
     const long long n = blockIdx.x;
     const T* x = logits + n * V;
     T m = -T(ME_INF_F);
@@ -65,8 +66,10 @@ ME_DEVICE void ls_softmax_ce(const T* __restrict__ logits, const long long* __re
 
 // Elementwise over n entries: wloss = w * (max(z, 0) - z y + log1p(exp(-|z|))), dlogits = (sigmoid(z) - y) w / denom.
 template <typename T>
-ME_DEVICE void ls_sigmoid_ce(const T* __restrict__ z, const T* __restrict__ y, const T* __restrict__ w, T denom,
-                             T* __restrict__ dlogits, T* __restrict__ wloss, long long n) {
+ME_DEVICE void ls_sigmoid_ce(const T* __restrict__ z, const T* __restrict__ y, const T* __restrict__ w,
+                             const T* __restrict__ denom_ptr, T* __restrict__ dlogits, T* __restrict__ wloss,
+                             long long n) {
+    const T denom = *denom_ptr;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const T zi = z[i], yi = y[i], wi = w[i];
         const T e = ls_exp(zi < T(0) ? zi : -zi);  // exp(-|z|) in (0, 1]
@@ -79,10 +82,11 @@ ME_DEVICE void ls_sigmoid_ce(const T* __restrict__ z, const T* __restrict__ y, c
 
 #define ME_LS_INSTANCES(T, SUFFIX)                                                                                 \
     extern "C" __global__ void __launch_bounds__(LS_THREADS) softmax_cross_entropy_##SUFFIX(                       \
-        const T* logits, const long long* targets, const T* weights, T denom, T* dlogits, T* rowloss, int V) {    \
+        const T* logits, const long long* targets, const T* weights, const T* denom, T* dlogits, T* rowloss,       \
+        int V) {                                                                                                  \
         ls_softmax_ce<T>(logits, targets, weights, denom, dlogits, rowloss, V);                                   \
     }                                                                                                             \
-    extern "C" __global__ void sigmoid_cross_entropy_##SUFFIX(const T* z, const T* y, const T* w, T denom,        \
+    extern "C" __global__ void sigmoid_cross_entropy_##SUFFIX(const T* z, const T* y, const T* w, const T* denom, \
                                                               T* dlogits, T* wloss, long long n) {                \
         ls_sigmoid_ce<T>(z, y, w, denom, dlogits, wloss, n);                                                      \
     }

@@ -18,7 +18,8 @@ ME_DEVICE void ad_step(const unsigned long long* __restrict__ p_ptrs, const unsi
                        const unsigned long long* __restrict__ m_ptrs, const unsigned long long* __restrict__ v_ptrs,
                        const long long* __restrict__ sizes, const T* __restrict__ wds,
                        const int* __restrict__ block_tensor, const long long* __restrict__ block_start, long long chunk,
-                       T lr, T grad_scale, T b1, T c1, T b2, T c2, T eps) {
+                       T lr, const T* __restrict__ grad_scale_ptr, T b1, T c1, T b2, T c2, T eps) {
+    const T grad_scale = *grad_scale_ptr;  // read on the device: clipping's scale never crosses to the host
     const int t = block_tensor[blockIdx.x];
     const long long start = block_start[blockIdx.x];
     const long long n = sizes[t];
@@ -44,7 +45,7 @@ ME_DEVICE void ad_step(const unsigned long long* __restrict__ p_ptrs, const unsi
     extern "C" __global__ void adamw_step_##SUFFIX(                                                                \
         const unsigned long long* p_ptrs, const unsigned long long* g_ptrs, const unsigned long long* m_ptrs,     \
         const unsigned long long* v_ptrs, const long long* sizes, const T* wds, const int* block_tensor,          \
-        const long long* block_start, long long chunk, T lr, T grad_scale, T b1, T c1, T b2, T c2, T eps) {       \
+        const long long* block_start, long long chunk, T lr, const T* grad_scale, T b1, T c1, T b2, T c2, T eps) { \
         ad_step<T>(p_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, wds, block_tensor, block_start, chunk, lr, grad_scale, b1, \
                    c1, b2, c2, eps);                                                                              \
     }

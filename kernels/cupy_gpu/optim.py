@@ -60,8 +60,11 @@ def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
         chunks = -(-sizes // CHUNK)
         block_tensor = np.repeat(np.arange(len(keys), dtype=np.int32), chunks)
         block_start = np.concatenate([np.arange(c, dtype=np.int64) * CHUNK for c in chunks])
+        # grad_scale may be clip_scale's 0-d device array: the kernel reads it through a pointer, so it never crosses
+        # to the host (a host float is copied up, which does not wait for the device).
+        scale = xp.asarray(grad_scale, dtype=dt).reshape(1)
         _common.launch("optim", f"adamw_step_{_common.suffix(dt)}", (len(block_tensor),), (THREADS,),
                        (tables["p"], tables["g"], tables["m"], tables["v"], xp.asarray(sizes), xp.asarray(wds),
-                        xp.asarray(block_tensor), xp.asarray(block_start), np.int64(CHUNK), t(lr), t(grad_scale),
+                        xp.asarray(block_tensor), xp.asarray(block_start), np.int64(CHUNK), t(lr), scale,
                         t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon)))
     state.step += 1

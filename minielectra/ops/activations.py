@@ -10,9 +10,7 @@ code; it differs by up to ~1e-3 and is not what a pre-trained ELECTRA expects.
 import math
 from typing import NamedTuple
 
-import numpy as np
-
-from minielectra.backend import get_xp
+from minielectra.backend import get_xp, special
 from minielectra.ops import checks
 
 _SQRT_2 = math.sqrt(2.0)
@@ -21,11 +19,7 @@ _TANH_C = math.sqrt(2.0 / math.pi)
 
 
 def _erf(xp):
-    if xp is np:
-        from scipy.special import erf
-    else:
-        from cupyx.scipy.special import erf
-    return erf
+    return special(xp).erf
 
 
 class GeluCache(NamedTuple):

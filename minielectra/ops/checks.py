@@ -1,8 +1,20 @@
-"""Argument checks at the op boundary, so bad input fails with a message naming the argument, not deep in a matmul."""
+"""Argument checks at the op boundary, so bad input fails with a message naming the argument, not deep in a matmul.
+
+Type and shape checks run everywhere. Checks of values (finite parameters, ids and targets in range) read the data,
+so they run on host (NumPy) arrays only: on a GPU each would be a device-to-host transfer that stalls the step. Device
+runs are covered where the data is on the host anyway: batches are checked before they are copied to the device
+(electra.forward masks on the host), and a non-finite parameter shows as a non-finite loss or gradient norm, which the
+trainer checks when its metrics cross to the host, before any checkpoint is written.
+"""
 
 import numpy as np
 
-from minielectra.backend import get_xp
+from minielectra.backend import get_xp, on_device
+
+
+def readable(*arrays):
+    """True when the values of `arrays` can be checked for free: they all live on the host."""
+    return not on_device(*arrays)
 
 
 def float_array(name, x):
@@ -32,8 +44,9 @@ def shape(name, x, expected, letters):
 
 
 def finite(name, x):
-    """Parameters must hold no NaN or inf: one poisoned weight silently turns every later output into NaN."""
-    if not bool(get_xp(x).isfinite(x).all()):
+    """Parameters must hold no NaN or inf: one poisoned weight silently turns every later output into NaN.
+    Host arrays only (see the module docstring)."""
+    if readable(x) and not bool(get_xp(x).isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf: the parameters are corrupted (check the learning rate and "
                          "the last good checkpoint)")
 

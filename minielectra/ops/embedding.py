@@ -21,7 +21,7 @@ def embedding_forward(ids, table):
     checks.float_array("table", table)
     checks.ndim("table", table, 2, "(V, E)")
     V = table.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    if ids.size and checks.readable(ids) and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"ids must lie in [0, {V}) for a table of {V} rows, got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]: is the vocab size in the config right?")
     checks.finite("table", table)

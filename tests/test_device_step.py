@@ -1,0 +1,235 @@
+"""Training on a device, without a GPU: every step on tests/fake_device.py's DeviceArrays, which behave as CuPy arrays
+(a NumPy array mixed in is a TypeError; every read on the host is counted).
+
+Checked: a whole ELECTRA step (forward, backward, clipping, AdamW), an evaluation forward, a classifier fine-tuning
+step and train.pretrain keep params, grads, optimizer state and batches on the device, read nothing on the host during
+a step (only the metrics, once per logging interval), and give the NumPy run's numbers bit for bit; checkpoints
+written from the device load on the host and back. Dispatch keeps the reference ops here, except in the last test,
+where the CUDA launchers run the .cu kernels on the CPU emulator on device arrays.
+"""
+
+import dataclasses
+import numpy as np
+import pytest
+
+import fake_device as fd
+from minielectra import backend, electra, train
+from minielectra import checkpoint as ckpt
+from minielectra import classifier as K
+from minielectra.config import ElectraConfig, TrainConfig
+from minielectra.optim import adamw_init, adamw_step, clip_scale, learning_rate
+
+CONFIG = ElectraConfig(vocab_size=1000, embedding_size=16, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=40, generator_hidden_size=8, generator_num_attention_heads=1,
+                       generator_intermediate_size=16, max_position_embeddings=32)
+TC = TrainConfig(max_grad_norm=0.5)  # low enough that clipping scales the step
+
+
+def padded_batch(B=3, T=20, real_in_last=12, seed=1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, CONFIG.vocab_size, (B, T))
+    ids[:, 0], ids[:, -1] = CONFIG.cls_token_id, CONFIG.sep_token_id
+    mask = np.ones_like(ids)
+    ids[-1, real_in_last:], mask[-1, real_in_last:] = CONFIG.pad_token_id, 0
+    ids[-1, real_in_last - 1] = CONFIG.sep_token_id
+    return ids, mask
+
+
+def host(tree):
+    """A dict of device arrays copied to the host (an explicit transfer, counted)."""
+    return {k: fd.fakecupy.asnumpy(v) for k, v in tree.items()}
+
+
+def full_step(params, state, batch, rng, step):
+    losses, metrics, grads = electra.loss_and_grads(params, batch, CONFIG, rng, train=True)
+    norm, scale = clip_scale(grads, TC.max_grad_norm)
+    adamw = backend.dispatch("adamw_step", params[electra.WORDS])
+    adamw(params, grads, state, learning_rate(step, TC), TC, grad_scale=scale)
+    return {**losses, **metrics, "grad_norm": norm}, grads
+
+
+@pytest.fixture
+def device():
+    with fd.register(kernels=None) as xp:
+        yield xp
+
+
+def test_fake_device_refuses_host_arrays_and_counts_host_reads(device):
+    """The fake is only useful if it fails where CuPy would: these are the behaviours the tests below rely on."""
+    a = device.asarray(np.arange(6.0).reshape(2, 3))
+    with pytest.raises(TypeError, match="numpy.ndarray mixed"):
+        a + np.ones(3)
+    with pytest.raises(TypeError, match="numpy.ndarray mixed"):
+        a[np.array([0, 1])]
+    with pytest.raises(fd.ImplicitTransferError):
+        np.asarray(a)
+    total = a.sum()
+    assert fd.is_device(total) and total.shape == ()  # a reduction stays on the device
+    before = fd.counts.syncs
+    float(total), int(a[0, 1]), bool(a[0, 0] > 0), device.asnumpy(a)
+    assert fd.counts.syncs == before + 4
+    assert backend.get_xp(a) is device and backend.on_device(a) and not backend.on_device(np.ones(2))
+
+
+def test_whole_step_stays_on_the_device_and_matches_numpy(device):
+    params = electra.init_model(CONFIG, np.random.default_rng(0))
+    batch = padded_batch()
+    dparams = fd.to_device(params)
+    state, dstate = adamw_init(params), adamw_init(dparams)
+    ref, ref_grads = full_step(params, state, batch, np.random.default_rng(3), 0)
+    rng = np.random.default_rng(3)
+    largest = fd.counts.largest_upload
+    fd.counts.largest_upload = 0
+    with fd.no_syncs("a whole training step"):
+        out, grads = full_step(dparams, dstate, batch, rng, 0)
+    N = sum(int(r) for r in electra.mask_tokens(*batch, CONFIG, np.random.default_rng(0)).weights.sum(axis=1))
+    # The (N, V) Gumbel noise is drawn on the device: nothing that large is copied up.
+    assert fd.counts.largest_upload < N * CONFIG.vocab_size * 4
+    fd.counts.largest_upload = max(largest, fd.counts.largest_upload)
+    assert all(fd.is_device(v) for v in out.values()), "losses, metrics and the norm stay on the device"
+    for tree in (dparams, grads, dstate.m, dstate.v):
+        assert set(tree) == set(params) and all(fd.is_device(v) for v in tree.values())
+    assert backend.host_values(out) == ref
+    for k in params:
+        np.testing.assert_array_equal(device.asnumpy(grads[k]), ref_grads[k], err_msg=k)
+        np.testing.assert_array_equal(device.asnumpy(dparams[k]), params[k], err_msg=k)
+        np.testing.assert_array_equal(device.asnumpy(dstate.v[k]), state.v[k], err_msg=k)
+
+
+def test_host_values_copies_a_dict_of_device_scalars_in_one_transfer(device):
+    values = {"a": device.asarray(np.float32(1.5)).sum(), "b": device.zeros(()) + 2, "step": 3, "lr": 0.5}
+    before = fd.counts.syncs
+    assert backend.host_values(values) == {"a": 1.5, "b": 2.0, "step": 3, "lr": 0.5}
+    assert fd.counts.syncs == before + 1
+
+
+def test_evaluation_forward_on_the_device(device):
+    params = electra.init_model(CONFIG, np.random.default_rng(0))
+    batch = padded_batch(seed=5)
+    ref = electra.forward(params, batch, CONFIG, np.random.default_rng(9), train=False)
+    with fd.no_syncs("an evaluation forward"):
+        out = electra.forward(fd.to_device(params), batch, CONFIG, np.random.default_rng(9), train=False)
+    assert fd.is_device(out.samples) and fd.is_device(out.cache.dmlm)
+    assert backend.host_values(out.losses) == ref.losses
+    assert backend.host_values(out.metrics) == ref.metrics
+
+
+def test_a_device_batch_is_copied_down_once_for_masking(device):
+    """forward masks on the host: a batch already on the device costs its two arrays' transfers, nothing more."""
+    params = fd.to_device(electra.init_model(CONFIG, np.random.default_rng(0)))
+    ids, mask = padded_batch()
+    ref = electra.forward(params, (ids, mask), CONFIG, np.random.default_rng(9), train=False)
+    before = fd.counts.syncs
+    out = electra.forward(params, (device.asarray(ids), device.asarray(mask)), CONFIG, np.random.default_rng(9),
+                          train=False)
+    assert fd.counts.syncs == before + 2
+    assert backend.host_values(out.losses) == backend.host_values(ref.losses)
+
+
+def test_classifier_fine_tuning_step_on_the_device(device):
+    num_labels = 3
+    params = K.init_classifier(CONFIG, num_labels, np.random.default_rng(0))
+    ids, mask = padded_batch(B=4, seed=2)
+    batch = (ids, mask, np.zeros_like(ids), np.array([0, 2, 1, 2]))
+    dparams = fd.to_device(params)
+    state, dstate = adamw_init(params), adamw_init(dparams)
+    loss, logits, grads = K.loss_and_grads(params, batch, CONFIG, num_labels, np.random.default_rng(4), train=True)
+    adamw_step(params, grads, state, 1e-3, TC)
+    with fd.no_syncs("a fine-tuning step"):
+        dloss, dlogits, dgrads = K.loss_and_grads(dparams, batch, CONFIG, num_labels, np.random.default_rng(4),
+                                                  train=True)
+        adamw_step(dparams, dgrads, dstate, 1e-3, TC)
+    assert fd.is_device(dloss) and fd.is_device(dlogits)
+    assert float(dloss) == loss
+    np.testing.assert_array_equal(device.asnumpy(dlogits), logits)
+    for k in params:
+        assert fd.is_device(dgrads[k]) and fd.is_device(dparams[k]), k
+        np.testing.assert_array_equal(device.asnumpy(dgrads[k]), grads[k], err_msg=k)
+        np.testing.assert_array_equal(device.asnumpy(dparams[k]), params[k], err_msg=k)
+
+
+# ---- train.pretrain on the device ---------------------------------------------------------------------------------
+
+PRETRAIN = TrainConfig(seq_len=32, batch_size=4, steps=8, warmup_steps=2, log_every=2, checkpoint_every=6,
+                       eval_fraction=0.1)
+WORDS = ("the quick brown fox jumps over the lazy dog while a generator proposes words and a discriminator "
+         "decides which of them were replaced").split()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) + "." for _ in range(80)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return path
+
+
+def pretrain(tmp_path, corpus, name, **kw):
+    model = dataclasses.replace(CONFIG, vocab_size=300)  # the corpus gives a smaller vocab anyway
+    return train.pretrain(tmp_path / name, corpus=corpus, model=model, train=PRETRAIN, cache_dir=tmp_path / "cache",
+                          progress=False, **kw)
+
+
+def logged(path):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in train.read_metrics(path)]
+
+
+def test_pretrain_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_path, corpus, monkeypatch):
+    host_run = pretrain(tmp_path, corpus, "host")
+    with fd.register(kernels=None) as device:
+        monkeypatch.setattr(backend, "array_module", lambda: device)
+        syncs = []  # host reads before each step, to find what each step cost
+        step_fn = electra.loss_and_grads
+
+        def counted(params, *args, **kw):
+            assert all(fd.is_device(p) for p in params.values())
+            syncs.append(fd.counts.syncs)
+            return step_fn(params, *args, **kw)
+
+        monkeypatch.setattr(electra, "loss_and_grads", counted)
+        dev_run = pretrain(tmp_path, corpus, "device")
+    per_step = np.diff(syncs)  # the host reads of steps 1 .. 7 (each counted up to the start of the next)
+    for step, n in enumerate(per_step, start=1):
+        if step == PRETRAIN.checkpoint_every:  # metrics, the evaluation, and the checkpoint's tensors
+            assert n > 2, step
+        elif step % PRETRAIN.log_every == 0:
+            assert n == 1, f"step {step}: the logging interval's metrics are one transfer, got {n}"
+        else:
+            assert n == 0, f"step {step} read the device {n} times"
+    assert logged(tmp_path / "device" / "metrics.jsonl") == logged(tmp_path / "host" / "metrics.jsonl")
+    a, b = ckpt.load_checkpoint(host_run["checkpoint"]), ckpt.load_checkpoint(dev_run["checkpoint"])
+    for k in a.params:  # the device checkpoint loads on the host, as NumPy arrays equal to the host run's
+        assert type(b.params[k]) is np.ndarray and type(b.opt_state.m[k]) is np.ndarray
+        np.testing.assert_array_equal(b.params[k], a.params[k], err_msg=k)
+        np.testing.assert_array_equal(b.opt_state.v[k], a.opt_state.v[k], err_msg=k)
+
+
+def resume(tmp_path, corpus, name):
+    return train.pretrain(tmp_path / name, corpus=corpus, resume=True, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_checkpoints_move_between_device_and_host_runs(tmp_path, corpus, monkeypatch):
+    """Half a run on the device resumed on the host, and half a run on the host resumed on the device, both end
+    exactly where a run on the host alone does."""
+    half = PRETRAIN.steps // 2
+    straight = pretrain(tmp_path, corpus, "straight")
+    pretrain(tmp_path, corpus, "host_then_device", stop_after=half)
+    with fd.register(kernels=None) as device, monkeypatch.context() as m:
+        m.setattr(backend, "array_module", lambda: device)
+        pretrain(tmp_path, corpus, "device_then_host", stop_after=half)
+        resumed_on_device = resume(tmp_path, corpus, "host_then_device")
+    resumed_on_host = resume(tmp_path, corpus, "device_then_host")
+    a = ckpt.load_checkpoint(straight["checkpoint"])
+    for run in (resumed_on_device, resumed_on_host):
+        assert run["finished"]
+        b = ckpt.load_checkpoint(run["checkpoint"])
+        assert b.step == PRETRAIN.steps
+        for k in a.params:
+            np.testing.assert_array_equal(b.params[k], a.params[k], err_msg=k)
+            np.testing.assert_array_equal(b.opt_state.m[k], a.opt_state.m[k], err_msg=k)
+    def trained(name):  # the training rows: a stopped half adds an evaluation at its checkpoint
+        return [r for r in logged(tmp_path / name / "metrics.jsonl") if "loss" in r]
+
+    assert trained("host_then_device") == trained("straight")
+    assert trained("device_then_host") == trained("straight")
