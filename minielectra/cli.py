@@ -1,6 +1,6 @@
 """The `minielectra` command (also `python -m minielectra`): pretrain, finetune, evaluate, predict, detect, bench, ...
 
-Subcommands: pretrain, finetune, evaluate, predict, detect, gradcheck, bench, import-hf, export-hf.
+Subcommands: pretrain, finetune, evaluate, predict, detect, experiment, gradcheck, bench, import-hf, export-hf.
 
 Every command takes --backend (numpy | numba | cupy | auto; default $MINIELECTRA_BACKEND, else auto: the GPU if
 CuPy sees one, else the Numba kernels if installed, else the NumPy reference) and prints the active backend first. Errors the user can fix (a bad config, a missing file, a corrupted checkpoint) are printed as
@@ -22,6 +22,8 @@ _TRAIN_FLAGS = {"steps": int, "batch": ("batch_size", int), "seq": ("seq_len", i
 def _add_backend(p):
     p.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend: numpy reference, numba CPU kernels, cupy GPU kernels, or auto")
+    p.add_argument("--tf32", action="store_true",
+                   help="cupy backend only: float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative error)")
 
 
 def _configs(args):
@@ -75,6 +77,19 @@ def cmd_pretrain(args):
     summary = train.pretrain(args.out, corpus=args.corpus, model=model, train=tc, resume=args.resume,
                              vocab_path=args.vocab, stop_after=args.stop_after, max_minutes=args.max_minutes)
     print(train.summary_line(summary))
+    return 0
+
+
+def cmd_experiment(args):
+    from minielectra import experiment
+
+    model, tc = _configs(args)
+    rows, md, png = experiment.run(args.out, args.corpus, args.data, args.budget_minutes, seeds=args.seeds,
+                                   corpus_from_data=args.corpus_from_data, model=model, train=tc, epochs=args.epochs,
+                                   max_rows=args.max_rows, config_name=args.config)
+    print(experiment.format_table(rows))
+    print(experiment.ordering_line(rows))
+    print(f"written: {md}, {png}")
     return 0
 
 
@@ -294,6 +309,25 @@ def build_parser():
     _add_backend(p)
     p.set_defaults(func=cmd_detect)
 
+    p = sub.add_parser("experiment", help="electra-vs-mlm: pre-train ELECTRA and a masked LM for the same time, "
+                                          "fine-tune them, a random init and an LSTM with several seeds, tabulate")
+    p.add_argument("name", choices=("electra-vs-mlm",), help="the experiment to run")
+    p.add_argument("--corpus", action="append", default=None,
+                   help="pre-training text (file or folder of .txt files), repeatable")
+    p.add_argument("--corpus-from-data", action="store_true",
+                   help="also pre-train on the sentences of --data's training part (never the held-out 10 %%)")
+    p.add_argument("--data", required=True, help="labelled file (e.g. SST-2's train.tsv); 10 %% of it is held out")
+    p.add_argument("--budget-minutes", type=float, required=True, help="pre-training wall-clock minutes per objective")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model (0 .. N-1)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
+    p.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of --data")
+    p.add_argument("--out", default="runs/experiment",
+                   help="folder for the runs and results.md / results.png; a rerun skips the finished stages")
+    p.add_argument("--config", default="tiny", help="model and pre-training preset (tiny, small) or JSON file")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a config field (repeatable)")
+    _add_backend(p)
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("gradcheck", help="gradient-check every op and block; exit 0 only if all pass")
     _add_backend(p)
     p.set_defaults(func=cmd_gradcheck)
@@ -308,8 +342,12 @@ def main(argv=None):
 
     try:
         name = backend.set_backend(args.backend or os.environ.get("MINIELECTRA_BACKEND") or "auto")
-        print(f"backend: {name}" + (f" (kernels: {', '.join(backend.kernel_names())})" if name != "numpy" else ""),
-              flush=True)
+        if args.tf32:
+            if name != "cupy":
+                raise cfgmod.ConfigError(f"--tf32 needs the cupy backend (this run uses {name}): TF32 is a GPU "
+                                         "tensor-core mode; NumPy and Numba GEMMs are always full float32")
+            backend.set_tf32(True)  # before the first float32 GEMM, which is when CuPy reads it
+        print(backend.describe(), flush=True)
         return args.func(args)
     except (cfgmod.ConfigError, DataError, CheckpointError, TrainingError, ImportError, FileNotFoundError) as e:
         print(f"minielectra {args.command}: error: {e}", file=sys.stderr)
