@@ -1,6 +1,7 @@
 """WordPiece tokenisation as in BERT (uncased), written out by hand: normalise, split, greedy longest match, train.
 
-Text becomes ids in two stages, exactly as Google's BERT `tokenization.py` does it:
+Text becomes ids in two stages, as Google's BERT `tokenization.py` does it and with the same ids as Hugging Face's
+BertTokenizerFast (uncased), which lower-cases character by character (so a word-final "Σ" becomes "σ", not "ς"):
 
 1. `pre_tokenize` (BERT's BasicTokenizer): clean the text, put spaces around CJK ideographs, lower-case, strip accents,
    then split on whitespace and make every punctuation character a word of its own.
@@ -98,9 +99,11 @@ def pre_tokenize(text):
     """
     if not isinstance(text, str):
         raise TypeError(f"expected text as str, got {type(text).__name__}")
-    # Order matters and follows BERT: clean before lower-casing (lower() of a final Greek sigma looks at its
-    # neighbours), lower-case before NFD (lower() can produce combining marks, as "İ" -> "i" + U+0307).
-    text = text.translate(_CLEAN).lower()
+    # Order matters and follows BERT: clean before lower-casing, lower-case before NFD (lower() can produce combining
+    # marks, as "İ" -> "i" + U+0307). Lower-casing is per character, as in Hugging Face's (Rust) BertTokenizerFast
+    # that ELECTRA checkpoints are used with: str.lower() alone would make a word-final "Σ" the final form "ς", the
+    # one mapping that looks at a character's neighbours, and give other ids than those models saw.
+    text = text.translate(_CLEAN).replace("Σ", "σ").lower()
     if not text.isascii():
         text = unicodedata.normalize("NFD", text)
     return text.translate(_ACCENT_PUNCT).split()

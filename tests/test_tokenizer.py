@@ -18,7 +18,10 @@ def tok():
 
 
 def reference_basic_tokenize(text):
-    """Google BERT's BasicTokenizer (do_lower_case=True), char by char as tokenization.py writes it: the oracle."""
+    """Google BERT's BasicTokenizer (do_lower_case=True), char by char as tokenization.py writes it: the oracle.
+
+    One change: lower-casing is per character, as Hugging Face's BertTokenizerFast does it, so a word-final "Σ"
+    becomes "σ" (str.lower() would give the final form "ς")."""
     def is_whitespace(c):
         return c in " \t\n\r" or unicodedata.category(c) == "Zs"
 
@@ -40,7 +43,7 @@ def reference_basic_tokenize(text):
     spaced = "".join(f" {c} " if is_cjk(ord(c)) else c for c in cleaned)
     out = []
     for token in spaced.split():
-        token = "".join(c for c in unicodedata.normalize("NFD", token.lower()) if unicodedata.category(c) != "Mn")
+        token = "".join(c for c in unicodedata.normalize("NFD", token.replace("Σ", "σ").lower()) if unicodedata.category(c) != "Mn")
         word = ""
         for c in token:
             if is_punct(c):
