@@ -44,15 +44,18 @@ def model_flops(config: ElectraConfig, batch_size, seq_len):
     return total
 
 
-def gemm_flops_per_s(n=1024, repeats=7):
-    """This machine's float32 GEMM throughput: median of repeated (n x n) @ (n x n) products on BLAS."""
+def gemm_flops_per_s(n=1024, repeats=7, xp=np):
+    """This machine's float32 GEMM throughput: median of repeated (n x n) @ (n x n) products on BLAS, or on cuBLAS
+    for xp = cupy (in TF32 when that is on, as the step's GEMMs are)."""
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-    a @ b  # warm up the BLAS threads
+    a, b = (xp.asarray(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    a @ b  # warm up the BLAS threads (or cuBLAS's handle)
+    backend.synchronize(xp)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        backend.synchronize(xp)
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times)
 
@@ -64,8 +67,13 @@ def _random_batch(config, batch_size, seq_len, rng):
 
 
 def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
-    """A function running one full training step on a fixed random batch, and the params it trains."""
-    params = electra.init_model(config, np.random.default_rng(seed))
+    """A function running one full training step on a fixed random batch, and the params it trains.
+
+    Under the cupy backend params and optimizer state live on the GPU, and the host batch is copied up by the step,
+    as in training; the step waits for the GPU before it returns, so timing it times the work. It returns the loss
+    (a 0-d device array on the GPU)."""
+    xp = backend.array_module()
+    params = {k: xp.asarray(v) for k, v in electra.init_model(config, np.random.default_rng(seed)).items()}
     state = adamw_init(params)
     rng = np.random.default_rng(seed + 1)
     batch = _random_batch(config, batch_size, seq_len, rng)
@@ -77,6 +85,7 @@ def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
         dispatch("adamw_step", params[electra.WORDS])(params, grads, state, learning_rate(counter[0], train), train,
                                                          grad_scale=scale)
         counter[0] += 1
+        backend.synchronize(xp)
         return losses["loss"]
 
     return step, params
@@ -113,9 +122,10 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
     step, params = make_step(config, train, batch_size, seq_len)
     median, first, times = time_calls(step, steps, warmup)
     flops = model_flops(config, batch_size, seq_len)
-    gemm = gemm_flops_per_s()
+    gemm = gemm_flops_per_s(xp=backend.array_module())
     return {
         "backend": backend.active_backend(),
+        "tf32": backend.tf32_enabled(),
         "kernels": backend.kernel_names(),
         "batch": batch_size, "seq": seq_len,
         "params_m": electra.count_params(params) / 1e6,
@@ -134,14 +144,15 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
 
 def format_step(r):
     return "\n".join([
-        f"backend {r['backend']}" + (f" (kernels: {', '.join(r['kernels'])})" if r["kernels"] else ""),
+        f"backend {r['backend']}" + (f" (kernels: {', '.join(r['kernels'])})" if r["kernels"] else "")
+        + (f"; TF32 GEMMs {'on' if r['tf32'] else 'off'}" if r["backend"] == "cupy" else ""),
         f"batch {r['batch']} x seq {r['seq']}, {r['params_m']:.2f} M params, {r['steps']} timed steps after "
         f"{r['warmup']} warm-up",
         f"tokens/s            {r['tokens_per_s']:,.0f}",
         f"s/step (median)     {r['s_per_step_median']:.4f}   (min {r['s_per_step_min']:.4f})",
         f"model GFLOP/step    {r['model_gflop_per_step']:.2f}",
         f"achieved GFLOP/s    {r['achieved_gflop_per_s']:.1f}",
-        f"GEMM GFLOP/s (fp32) {r['gemm_gflop_per_s']:.1f}",
+        f"GEMM GFLOP/s ({'tf32' if r['tf32'] else 'fp32'}) {r['gemm_gflop_per_s']:.1f}",
         f"MFU                 {r['mfu']:.3f}",
         f"peak memory         {r['peak_memory_mb']:.0f} MB",
         f"compile time        {r['compile_s']:.1f} s",

@@ -75,12 +75,19 @@ def hf_config(config: ElectraConfig, which, attn_implementation="sdpa"):
 
 class TorchStep:
     """One full ELECTRA training step in PyTorch per call (returns the loss as a float). Attributes: generator,
-    discriminator, optimizer, params (each shared tensor once), threads, attn_implementation."""
+    discriminator, optimizer, params (each shared tensor once), threads, attn_implementation, device.
+
+    device: "cpu", or "cuda" to compare with the cupy backend: models, batch and optimizer state live there, and
+    float32 matmuls use TF32 exactly when ours do (backend.tf32_enabled()), so the two steps do the same arithmetic.
+    """
 
     def __init__(self, config: ElectraConfig, train, batch_size, seq_len, seed=0, attn_implementation="sdpa",
-                 threads=None):
+                 threads=None, device="cpu"):
         torch, transformers = _import()
         self.torch, self.config, self.train = torch, config, train
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = backend.tf32_enabled()
         self.threads = threads or blas_threads()
         torch.set_num_threads(self.threads)
         torch.manual_seed(seed)
@@ -91,7 +98,7 @@ class TorchStep:
         self.generator.electra.embeddings = shared  # word, position, token type tables and the LayerNorm: one module
         self.generator.generator_lm_head.weight = shared.word_embeddings.weight  # tied LM head: logits = h @ E.T + b
         for model in (self.generator, self.discriminator):
-            model.float().train()
+            model.float().train().to(self.device)
 
         seen, decay, plain = set(), [], []
         for prefix, model in ((electra.GEN, self.generator), (electra.DISC, self.discriminator)):
@@ -107,7 +114,7 @@ class TorchStep:
         self.rng = np.random.default_rng(seed + 1)
         ids, mask = bench._random_batch(config, batch_size, seq_len, self.rng)
         self.ids_np, self.mask_np = ids, mask
-        self.ids, self.mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        self.ids, self.mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
         self.types = torch.zeros_like(self.ids)
         self.counter = 0
 
@@ -120,20 +127,21 @@ class TorchStep:
         B, T = self.ids.shape
         m = electra.mask_tokens(self.ids_np, self.mask_np, config, self.rng)  # the same NumPy work our step does
         picked = m.weights.reshape(-1) > 0
-        rows = torch.from_numpy((np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked])  # (N,) flat positions
+        rows = torch.from_numpy((np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked]).to(
+            self.device)  # (N,) flat positions
         targets = self.ids.reshape(-1)[rows]  # (N,)
         lr = learning_rate(self.counter, self.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
         gen = self.generator
-        gh = gen.electra(input_ids=torch.from_numpy(m.masked_ids), attention_mask=self.mask,
+        gh = gen.electra(input_ids=torch.from_numpy(m.masked_ids).to(self.device), attention_mask=self.mask,
                          token_type_ids=self.types).last_hidden_state  # (B, T, Cg)
         h = gh.reshape(B * T, -1).index_select(0, rows)  # (N, Cg): the head runs at the picked positions only
         logits = gen.generator_lm_head(gen.generator_predictions(h))  # (N, V)
         mlm = F.cross_entropy(logits, targets)
         with torch.no_grad():  # Gumbel-max, as electra.gumbel_sample: no gradient through the sample
-            u = torch.rand(logits.shape)
+            u = torch.rand(logits.shape, device=self.device)
             g = -torch.log(-torch.log(u + 1e-9) + 1e-9)
             samples = torch.argmax(logits / config.temperature + g, dim=-1)  # (N,)
             corrupted = self.ids.clone()
@@ -153,21 +161,24 @@ class TorchStep:
         return loss.item()
 
 
-def torch_step(config: ElectraConfig, train, batch_size, seq_len, seed=0, attn_implementation="sdpa"):
+def torch_step(config: ElectraConfig, train, batch_size, seq_len, seed=0, attn_implementation="sdpa", device="cpu"):
     """A callable running one full ELECTRA training step in PyTorch eager on a fixed random batch (see TorchStep)."""
-    return TorchStep(config, train, batch_size, seq_len, seed, attn_implementation)
+    return TorchStep(config, train, batch_size, seq_len, seed, attn_implementation, device=device)
 
 
 def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=3, attn_implementation="sdpa"):
     """Our step and the PyTorch step timed in interleaved runs; medians, tokens/s, ratio (ours / torch), MFU of each.
 
     Each iteration times one step of each, alternating which goes first, so that load from other work on the machine
-    and thermal drift fall on both alike.
+    and thermal drift fall on both alike. Under the cupy backend the PyTorch step runs on CUDA, and both are timed
+    between device synchronisations.
     """
     torch, transformers = _import()
-    ours, params = bench.make_step(config, train, batch_size, seq_len)
-    theirs = torch_step(config, train, batch_size, seq_len, attn_implementation=attn_implementation)
-    first = {"ours": ours(), "torch": theirs()}  # step 0's losses: both near ln V + rtd_weight ln 2
+    device = "cuda" if backend.active_backend() == "cupy" else "cpu"
+    ours, params = bench.make_step(config, train, batch_size, seq_len)  # synchronises the GPU before it returns
+    theirs = torch_step(config, train, batch_size, seq_len, attn_implementation=attn_implementation, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    first = {"ours": float(ours()), "torch": theirs()}  # step 0's losses: both near ln V + rtd_weight ln 2
     for _ in range(max(0, warmup - 1)):
         ours()
         theirs()
@@ -175,11 +186,13 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
     for i in range(steps):
         order = (("ours", ours), ("torch", theirs)) if i % 2 == 0 else (("torch", theirs), ("ours", ours))
         for name, fn in order:
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t)
     flops = bench.model_flops(config, batch_size, seq_len)
-    gemm = bench.gemm_flops_per_s()
+    gemm = bench.gemm_flops_per_s(xp=backend.array_module())
     tokens = batch_size * seq_len
     med = {k: statistics.median(v) for k, v in times.items()}
     numba_threads = None
@@ -188,7 +201,7 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
 
         numba_threads = numba.get_num_threads()
     return {
-        "backend": backend.active_backend(),
+        "backend": backend.active_backend(), "device": device, "tf32": backend.tf32_enabled(),
         "batch": batch_size, "seq": seq_len, "steps": steps, "warmup": warmup,
         "threads": theirs.threads, "torch_threads": torch.get_num_threads(), "numba_threads": numba_threads,
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
@@ -208,8 +221,9 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
 def format_comparison(d):
     numba = f", numba {d['numba_threads']} threads" if d.get("numba_threads") else ""
     rows = [
-        f"vs PyTorch {d['torch_version']} + transformers {d['transformers_version']} (attention: "
-        f"{d['attn_implementation']}), {d['threads']} threads each{numba}; {d['steps']} interleaved steps after "
+        f"vs PyTorch {d['torch_version']} + transformers {d['transformers_version']} on {d['device']}"
+        f"{' with TF32 GEMMs' if d['tf32'] else ''} (attention: {d['attn_implementation']}), {d['threads']} threads "
+        f"each{numba}; {d['steps']} interleaved steps after "
         f"{d['warmup']} warm-up, batch {d['batch']} x seq {d['seq']}",
         f"{'':<16} {'minielectra (' + d['backend'] + ')':>22} {'pytorch':>12}",
         f"{'params (M)':<16} {d['params_m_ours']:>22.2f} {d['params_m_torch']:>12.2f}",

@@ -3,12 +3,13 @@
 1. the GPU tests: pytest -m gpu on tests/kernels (every CUDA kernel against the NumPy reference, a whole step);
 2. the training-step benchmark on the cupy backend for the `tiny` and `small` presets (params, optimizer state and
    batch on the GPU; kernels dispatched for CuPy arrays);
-3. if PyTorch with CUDA is installed and minielectra.bench_torch can run its step on a CUDA device, the same step in
-   PyTorch for a tokens/s ratio; otherwise that column says why it is missing;
+3. if PyTorch with CUDA is installed, the same step in PyTorch on CUDA (bench_torch.TorchStep(device="cuda")) for a
+   tokens/s ratio; otherwise that column says why it is missing;
 then one short table. Works from a source checkout without `pip install` (the repository root goes on sys.path) and
 needs nothing beyond numpy, cupy, nvcc/NVRTC, pytest + hypothesis for step 1, and optionally torch + transformers.
 
-Options: --skip-tests, --steps N (timed steps per benchmark, default 10), --presets tiny,small.
+Options: --skip-tests, --steps N (timed steps per benchmark, default 10), --presets tiny,small, --tf32 (TF32 GEMMs in
+both steps).
 """
 
 import argparse
@@ -22,8 +23,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
 
 
 
@@ -41,48 +40,15 @@ def run_gpu_tests(timeout=180):
     return done.returncode == 0, (lines[-1] if lines else done.stderr.strip()[-200:])
 
 
-def _sync():
-    import cupy
-
-    cupy.cuda.get_current_stream().synchronize()
-
-
-def cupy_step(config, train, batch_size, seq_len, seed=0):
-    """bench.make_step's step with params, optimizer state and batch on the GPU (bench.make_step builds NumPy ones)."""
-    import cupy
-
-    from minielectra import bench, electra
-    from minielectra.backend import dispatch
-    from minielectra.optim import adamw_init, clip_scale, learning_rate
-
-    params = {k: cupy.asarray(p) for k, p in electra.init_model(config, np.random.default_rng(seed)).items()}
-    state = adamw_init(params)
-    rng = np.random.default_rng(seed + 1)
-    ids, mask = bench._random_batch(config, batch_size, seq_len, rng)
-    batch = (cupy.asarray(ids), cupy.asarray(mask))
-    adamw = dispatch("adamw_step", next(iter(params.values())))
-    counter = [0]
-
-    def step():
-        losses, _, grads = electra.loss_and_grads(params, batch, config, rng, train=True)
-        _, scale = clip_scale(grads, train.max_grad_norm)
-        adamw(params, grads, state, learning_rate(counter[0], train), train, grad_scale=scale)
-        counter[0] += 1
-        _sync()
-        return losses["loss"]
-
-    return step, params
-
-
 def bench_cupy(preset, steps, warmup=2):
     from minielectra import bench, electra
     from minielectra.config import preset as get_preset
 
     config, train = get_preset(preset)  # the preset's own batch and sequence length (small: 128 x 128)
     batch, seq = train.batch_size, train.seq_len
-    step, params = cupy_step(config, train, batch, seq)
+    step, params = bench.make_step(config, train, batch, seq)  # on the GPU under the cupy backend; it synchronises
     t = time.perf_counter()
-    first_loss = step()
+    first_loss = float(step())
     first = time.perf_counter() - t
     for _ in range(max(0, warmup - 1)):
         step()
@@ -105,14 +71,7 @@ def bench_torch_cuda(preset, steps, warmup=2):
         return "torch not installed"
     if not torch.cuda.is_available():
         return "torch has no CUDA"
-    try:
-        from minielectra import bench_torch
-    except ImportError as e:
-        return f"bench_torch not importable ({e})"
-    import inspect
-
-    if "device" not in inspect.signature(bench_torch.TorchStep).parameters:
-        return "bench_torch.TorchStep has no device argument (CPU only)"
+    from minielectra import bench_torch
     from minielectra.config import preset as get_preset
 
     config, train = get_preset(preset)
@@ -138,6 +97,7 @@ def main(argv=None):
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--tf32", action="store_true", help="benchmark with TF32 GEMMs (ours and PyTorch's alike)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
 
@@ -159,6 +119,8 @@ def main(argv=None):
         ok, summary = run_gpu_tests()
         rows.append(("GPU tests", ("ok: " if ok else "FAILED: ") + summary))
     backend.set_backend("cupy")
+    backend.set_tf32(args.tf32)  # the tests above ran in their own process, so no float32 GEMM has run here yet
+    print(backend.describe())
     results = []
     for preset in [p for p in args.presets.split(",") if p]:
         r = bench_cupy(preset, args.steps)

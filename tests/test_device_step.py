@@ -48,6 +48,15 @@ def full_step(params, state, batch, rng, step):
     return {**losses, **metrics, "grad_norm": norm}, grads
 
 
+@pytest.fixture(autouse=True)
+def numpy_backend():
+    """The host runs compared against use the reference ops (another test may have left the numba backend on)."""
+    before = backend.active_backend()
+    backend.set_backend("numpy")
+    yield
+    backend.set_backend(before)
+
+
 @pytest.fixture
 def device():
     with fd.register(kernels=None) as xp:
