@@ -328,13 +328,17 @@ def test_cupy_step_matches_numpy_step():
     params = electra.init_model(config, np.random.default_rng(0))
     ids, mask = padded_batch(config, 4, 67, real_in_last=20)
     train = False  # no dropout: the kernels' dropout mask differs from the reference's by design
-    ref_losses, ref_metrics, ref_grads = electra.loss_and_grads(params, (ids, mask), config,
-                                                                np.random.default_rng(3), train=train)
+    ref = electra.forward(params, (ids, mask), config, np.random.default_rng(3), train=train)
+    ref_losses, ref_metrics, ref_grads = ref.losses, ref.metrics, electra.backward(ref, params, config)
     backend.set_backend("cupy")
     try:
         gparams = {k: cupy.asarray(p) for k, p in params.items()}
-        losses, metrics, grads = electra.loss_and_grads(gparams, (cupy.asarray(ids), cupy.asarray(mask)), config,
-                                                        np.random.default_rng(3), train=train)
+        # The GPU draws its own Gumbel noise (cupy.random): replay the NumPy run's samples so both discriminators see
+        # the same input. The batch stays on the host, where forward masks it, as in training.
+        losses, metrics, grads = electra.loss_and_grads(gparams, (ids, mask), config, np.random.default_rng(3),
+                                                        train=train, samples=ref.samples)
+        assert all(isinstance(v, cupy.ndarray) for v in {**losses, **metrics}.values())
+        losses, metrics = backend.host_values(losses), backend.host_values(metrics)
         state, gstate = ref_optim.adamw_init(params), ref_optim.adamw_init(gparams)
         tc = TrainConfig()
         ref_optim.adamw_step(params, ref_grads, state, 1e-3, tc)
