@@ -57,7 +57,10 @@ def numpy_backend():
 def torch():
     torch = pytest.importorskip("torch", reason=NEEDS)
     pytest.importorskip("transformers", reason=NEEDS)
-    return torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend with NumPy's BLAS for the same cores
+    yield torch
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,7 @@ def make_batch(config, T, padding, seed):
     return ids, mask, types
 
 
-def hf_grads(model, table, transposed_too=True):
+def hf_grads(model, table):
     """{our name: gradient as we store it} from a transformers model after backward()."""
     named = dict(model.named_parameters())
     return {ours: (named[name].grad.T if t else named[name].grad).numpy()
@@ -131,11 +134,16 @@ def max_grad_diff(ours, theirs):
 # ---- the three architectures, measured ------------------------------------------------------------------------------
 
 
-def measure_discriminator(torch, transformers, tmp_path, name, T, padding, dtype=np.float32):
+def imported(torch, transformers, tmp_path, arch, name, **extra):
+    """(transformers model, our params, config, labels): a random `arch` saved, then read back with import_hf."""
+    model, _ = save_hf(torch, transformers, arch, name, tmp_path / "hf", **extra)
+    hf.import_hf(tmp_path / "hf", tmp_path / "ours")
+    params, config, _, labels = hf.load_folder(tmp_path / "ours")
+    return model, params, config, labels
+
+
+def measure_discriminator(torch, model, params, config, T, padding, dtype=np.float32):
     """(max |logit diff|, max |grad diff|) of a random ElectraForPreTraining against minielectra, RTD loss."""
-    model, _ = save_hf(torch, transformers, "ElectraForPreTraining", name, tmp_path / "hf")
-    hf.import_hf(tmp_path / "hf", tmp_path / "run")
-    params, config, _, _ = hf.load_folder(tmp_path / "run")
     params = {k: a.astype(dtype) for k, a in params.items()}
     ids, mask, types = make_batch(config, T, padding, seed=T)
     labels = np.random.default_rng(1).integers(0, 2, size=ids.shape)
@@ -160,11 +168,8 @@ def measure_discriminator(torch, transformers, tmp_path, name, T, padding, dtype
     return float(np.max(np.abs(logits - out.logits.detach().numpy()))), max_grad_diff(grads, theirs)
 
 
-def measure_generator(torch, transformers, tmp_path, name, T, padding, dtype=np.float32):
+def measure_generator(torch, model, params, config, T, padding, dtype=np.float32):
     """(max |logit diff|, max |grad diff|) of a random ElectraForMaskedLM against minielectra, MLM loss."""
-    model, _ = save_hf(torch, transformers, "ElectraForMaskedLM", name, tmp_path / "hf")
-    hf.import_hf(tmp_path / "hf", tmp_path / "run")
-    params, config, _, _ = hf.load_folder(tmp_path / "run")
     params = {k: a.astype(dtype) for k, a in params.items()}
     ids, mask, types = make_batch(config, T, padding, seed=T)
     B = ids.shape[0]
@@ -194,13 +199,8 @@ def measure_generator(torch, transformers, tmp_path, name, T, padding, dtype=np.
     return float(np.max(diff)), max_grad_diff(grads, theirs)
 
 
-def measure_classifier(torch, transformers, tmp_path, name, T, padding, dtype=np.float32):
+def measure_classifier(torch, model, params, config, T, padding, dtype=np.float32):
     """(max |logit diff|, max |grad diff|) of a random ElectraForSequenceClassification (3 labels), CE loss."""
-    model, _ = save_hf(torch, transformers, "ElectraForSequenceClassification", name, tmp_path / "hf",
-                       id2label={0: "neg", 1: "neutral", 2: "pos"})
-    hf.import_hf(tmp_path / "hf", tmp_path / "model")
-    params, config, _, labels = hf.load_folder(tmp_path / "model")
-    assert labels == ["neg", "neutral", "pos"]
     params = {k: a.astype(dtype) for k, a in params.items()}
     ids, mask, types = make_batch(config, T, padding, seed=T)
     y = np.array([0, 2, 1])
@@ -216,21 +216,32 @@ def measure_classifier(torch, transformers, tmp_path, name, T, padding, dtype=np
     return float(np.max(np.abs(logits - out.logits.detach().numpy()))), max_grad_diff(grads, theirs)
 
 
-MEASURES = {"discriminator": measure_discriminator, "generator": measure_generator, "classifier": measure_classifier}
+# part -> (architecture, extra config, the measure); the classifier has 3 labels, named.
+MEASURES = {"discriminator": ("ElectraForPreTraining", {}, measure_discriminator),
+            "generator": ("ElectraForMaskedLM", {}, measure_generator),
+            "classifier": ("ElectraForSequenceClassification", {"id2label": {0: "neg", 1: "neutral", 2: "pos"}},
+                           measure_classifier)}
+CASES = [(T, p) for T in LENGTHS for p in PADDINGS if not (T == 1 and p == "ragged")]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("part", MEASURES)
 def test_logits_and_gradients_match_transformers(torch, transformers, tmp_path, part, name):
-    for i, (T, padding) in enumerate((T, p) for T in LENGTHS for p in PADDINGS if not (T == 1 and p == "ragged")):
-        logit_diff, grad_diff = MEASURES[part](torch, transformers, tmp_path / str(i), name, T, padding)
+    arch, extra, measure = MEASURES[part]
+    model, params, config, labels = imported(torch, transformers, tmp_path, arch, name, **extra)
+    assert labels == (["neg", "neutral", "pos"] if part == "classifier" else None)
+    for T, padding in CASES:
+        model.zero_grad()
+        logit_diff, grad_diff = measure(torch, model, params, config, T, padding)
         assert logit_diff < 1e-5, (part, name, T, padding, logit_diff)
         assert grad_diff < 1e-4, (part, name, T, padding, grad_diff)
 
 
 @pytest.mark.parametrize("part", MEASURES)
 def test_float64_agrees_to_rounding(torch, transformers, tmp_path, part):
-    logit_diff, grad_diff = MEASURES[part](torch, transformers, tmp_path, "E8-C16-L2-H2", 7, "ragged", np.float64)
+    arch, extra, measure = MEASURES[part]
+    model, params, config, _ = imported(torch, transformers, tmp_path, arch, "E8-C16-L2-H2", **extra)
+    logit_diff, grad_diff = measure(torch, model, params, config, 7, "ragged", np.float64)
     assert logit_diff < 1e-10 and grad_diff < 1e-10
 
 
