@@ -5,12 +5,10 @@ row (B, H, T); the backward recomputes the probabilities from it, so memory grow
 size D <= 128 runs the kernels; float64 inputs (gradient checks) and larger heads fall back to the NumPy/CuPy reference
 (and its cache, which attention_backward here accepts too).
 
-Dropout differs from the reference in one documented way: the keep mask is not drawn with rng.random((B, H, T, T))
-(that would be a (T, T) array per head, the memory FlashAttention avoids); instead one 64-bit seed is drawn with
-rng.integers and each keep(b, h, i, j) is a counter-based hash of (seed, index) computed inside the kernels. The same
-seed gives the same mask in the forward and the backward (so gradients are exact for the mask used) and on every run,
-but not the reference's mask bit for bit, and the rng advances by one draw instead of B*H*T*T. `keep_mask` computes
-the very same mask on the host (NumPy or CuPy) for tests and inspection.
+Dropout uses the reference's counter-based mask (`minielectra.ops.dropout.hashed_keep_mask`): one 64-bit seed drawn
+with rng.integers, and each keep(b, h, i, j) a hash of (seed, flat index) that attention.cu's attn_keep computes inside
+the kernels, so no (T, T) mask is stored. The same seed gives the same mask in the forward and the backward (so
+gradients are exact for the mask used), and the same mask as the reference and the Numba kernel.
 """
 
 import math
@@ -22,26 +20,10 @@ from kernels.cupy_gpu import _common
 from minielectra.backend import get_xp
 from minielectra.ops import attention as _reference
 from minielectra.ops import checks
+from minielectra.ops.dropout import draw_seed, drop_threshold, hashed_keep_mask
 
 BR, BC = 64, 32  # rows per block and per shared-memory tile: must match attention.cu
 MAX_DS = (32, 64, 128)  # the head sizes the kernels are instantiated for (D is rounded up to one of them)
-_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-
-
-def drop_threshold(p):
-    """The kernels keep (i, j) when the top 24 bits of its hash are >= this: ceil(p * 2^24); 0 when p == 0."""
-    return int(math.ceil(p * 2**24))
-
-
-def keep_mask(xp, seed, shape, threshold):
-    """The (B, H, T, T) boolean keep mask the kernels use for this seed and threshold (attention.cu's attn_keep)."""
-    B, H, T, _ = shape
-    u64 = xp.uint64
-    z = xp.arange(1, B * H * T * T + 1, dtype=u64) * u64(_GOLDEN) + u64(seed)  # index + 1, as the kernel
-    z = (z ^ (z >> u64(30))) * u64(_MIX1)
-    z = (z ^ (z >> u64(27))) * u64(_MIX2)
-    z = z ^ (z >> u64(31))
-    return ((z >> u64(40)) >= u64(threshold)).reshape(B, H, T, T)
 
 
 class FlashAttentionCache(NamedTuple):
@@ -69,7 +51,8 @@ class FlashAttentionCache(NamedTuple):
         """(B, H, T, T) bool dropout keep mask the kernels used; None when dropout was off."""
         if not self.threshold:
             return None
-        return keep_mask(get_xp(self.q), self.seed, self.q.shape, self.threshold)
+        B, H, T, _ = self.q.shape
+        return hashed_keep_mask(get_xp(self.q), self.seed, (B, H, T, T), self.threshold)
 
 
 def check_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
@@ -92,7 +75,7 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     q, k, v = (xp.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
     keys = xp.ones((B, T), np.uint8) if mask is None else xp.ascontiguousarray(mask != 0, dtype=np.uint8)
     threshold = drop_threshold(p_drop)
-    seed = int(rng.integers(0, 2**64, dtype=np.uint64)) if threshold else 0
+    seed = draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
     drop_scale = float(np.float32(1.0 / (1.0 - p_drop)))
     scale = 1.0 / math.sqrt(D)
     out = xp.zeros((B, H, T, D), np.float32)

@@ -1,8 +1,11 @@
 """Numba CPU kernels for `minielectra.ops.attention` (attention_forward, attention_backward).
 
 Memory grows linearly in T. The reference keeps the weights (B, H, T, T) and a dropout scale of the same size for its
-backward; this kernel keeps, besides q, k and v, one number per query row: the log-sum-exp of its masked, scaled scores
-(B, H, T). The backward recomputes every weight as exp(s - lse), and the dropout mask from its seed.
+backward; this kernel keeps, besides q, k and v, two numbers per query row: the max and the sum of exp(s - max) of its
+masked, scaled scores (B, H, T each). The backward recomputes every weight from them as exp(s - max) / sum, the very
+operations of the forward on the very scores (the same BLAS call on the same block), so it differentiates exactly the
+weights the forward used, down to the subnormal ones, which exp(s - lse) would round differently. It recomputes the
+dropout mask from its seed.
 
 One prange iteration per (batch, head) walks the queries in blocks of BR rows against all T keys, in a (BR, T) scratch
 block of its own: scores = q_blk k^T (BLAS), scale, key padding mask, a stable softmax row by row (a fully masked row
@@ -30,6 +33,7 @@ from kernels.numba_cpu._common import float_dtype
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask
+from minielectra.ops.softmax import softmax_forward
 
 BR = 64  # query rows per block: the scratch is (BR, T) per thread, and BR rows keep the BLAS calls efficient
 
@@ -73,7 +77,8 @@ class AttentionKernelCache(NamedTuple):
     q: object  # (B, H, T, D) contiguous
     k: object  # (B, H, T, D)
     v: object  # (B, H, T, D)
-    lse: object  # (B, H, T) log-sum-exp of each masked, scaled score row; +inf for a fully masked row
+    rowmax: object  # (B, H, T) max of each masked, scaled score row; -inf for a fully masked row
+    rowsum: object  # (B, H, T) sum of exp(s - rowmax) over the row's real keys
     keys: object  # (B, T) bool, True at real tokens
     seed: int  # the dropout hash's seed
     threshold: int  # drop_threshold(p_drop); 0: no dropout
@@ -82,23 +87,24 @@ class AttentionKernelCache(NamedTuple):
 
     @property
     def probs(self):
-        """(B, H, T, T) attention weights before dropout, recomputed on demand (for plots and tests): exp(s - lse)."""
+        """(B, H, T, T) attention weights before dropout, recomputed on demand (for plots and tests): the reference
+        softmax of the recomputed scores."""
         s = (self.q @ self.k.swapaxes(-1, -2)) * self.q.dtype.type(self.scale)  # (B, H, T, T)
-        s = np.where(self.keys[:, None, None, :], s, -np.inf) - self.lse[..., None]
-        return np.exp(s)  # a fully masked row: exp(-inf - inf) = 0
+        return softmax_forward(s, self.keys[:, None, None, :])[0]
 
     @property
     def keep(self):
         """(B, H, T, T) bool dropout keep mask, recomputed from the seed; None when dropout was off."""
         if not self.threshold:
             return None
-        return _dropout.hashed_keep_mask(np, self.seed, (*self.q.shape[:3], self.q.shape[2]), self.threshold)
+        B, H, T, _ = self.q.shape
+        return _dropout.hashed_keep_mask(np, self.seed, (B, H, T, T), self.threshold)
 
 
 @njit(cache=True, parallel=True)
-def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, lse):
+def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, rowmax, rowsum):
     # q, k, v (B*H, T, D); keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop;
-    # c: scale, dropout scale, +inf in the input dtype. Writes out (B*H, T, D) and lse (B*H, T).
+    # c: scale, dropout scale, +inf in the input dtype. Writes out (B*H, T, D), rowmax and rowsum (B*H, T).
     BH, T, D = q.shape
     H = BH // keys.shape[0]
     scale, drop_scale, inf = c[0], c[1], c[2]
@@ -119,10 +125,11 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, lse):
                         P[ii, j] = s
                         if s > m:
                             m = s
+                rowmax[bh, i] = m
                 if m == -inf:  # every key masked: no defined softmax, the reference's zeros
                     for j in range(T):
                         P[ii, j] = zero
-                    lse[bh, i] = inf
+                    rowsum[bh, i] = zero
                     continue
                 tot = zero
                 for j in range(T):
@@ -132,7 +139,7 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, lse):
                         tot += e
                     else:
                         P[ii, j] = zero
-                lse[bh, i] = m + np.log(tot)
+                rowsum[bh, i] = tot
                 if use_drop:
                     counter = np.uint64((bh * T + i) * T)  # flat index of (bh, i, 0); the hash counts from index + 1
                     for j in range(T):
@@ -144,9 +151,17 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, lse):
             np.dot(P, v[bh], out[bh, r0:r0 + n])
 
 
+@njit(cache=True, inline="always")
+def _add_into(acc, part):
+    """acc += part, element by element: no temporary copy of part (numba's array += may make one)."""
+    for t in range(acc.shape[0]):
+        for d in range(acc.shape[1]):
+            acc[t, d] += part[t, d]
+
+
 @njit(cache=True, parallel=True)
-def _backward(dout, q, k, v, keys, lse, seed, threshold, use_drop, c, dq, dk, dv):
-    # As _forward, plus dout (B*H, T, D) and the forward's lse; writes dq, dk, dv (B*H, T, D).
+def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c, dq, dk, dv):
+    # As _forward, plus dout (B*H, T, D) and the forward's rowmax, rowsum; writes dq, dk, dv (B*H, T, D).
     BH, T, D = q.shape
     H = BH // keys.shape[0]
     scale, drop_scale, inf = c[0], c[1], c[2]
@@ -168,8 +183,8 @@ def _backward(dout, q, k, v, keys, lse, seed, threshold, use_drop, c, dq, dk, dv
             np.dot(gb, v[bh].T, G)  # from out = dropped @ v
             for ii in range(n):
                 i = r0 + ii
-                L = lse[bh, i]
-                if L == inf:  # fully masked row: zero weights, so no gradient flows through it
+                m, tot = rowmax[bh, i], rowsum[bh, i]
+                if m == -inf:  # fully masked row: zero weights, so no gradient flows through it
                     for j in range(T):
                         P[ii, j] = zero
                         G[ii, j] = zero
@@ -177,7 +192,7 @@ def _backward(dout, q, k, v, keys, lse, seed, threshold, use_drop, c, dq, dk, dv
                 counter = np.uint64((bh * T + i) * T)
                 dot = zero
                 for j in range(T):
-                    p = np.exp(P[ii, j] * scale - L) if keys[b, j] else zero
+                    p = np.exp(P[ii, j] * scale - m) / tot if keys[b, j] else zero  # the forward's weight
                     P[ii, j] = p
                     if use_drop:
                         counter += _ONE
@@ -189,10 +204,10 @@ def _backward(dout, q, k, v, keys, lse, seed, threshold, use_drop, c, dq, dk, dv
                     if use_drop:
                         P[ii, j] = P[ii, j] * drop_scale if kept[j] else zero
             np.dot(P.T, gb, part)  # from out = dropped @ v
-            dv[bh] += part
+            _add_into(dv[bh], part)
             np.dot(G, k[bh], dq[bh, r0:r0 + n])  # from scores = q @ k^T * scale
             np.dot(G.T, qb, part)
-            dk[bh] += part
+            _add_into(dk[bh], part)
 
 
 def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
@@ -206,21 +221,22 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
     q, k, v = (np.ascontiguousarray(a, dtype=dt) for a in (q, k, v))
     out = np.empty((B, H, T, D), dt)
-    lse = np.empty((B, H, T), dt)
+    rowmax, rowsum = np.empty((B, H, T), dt), np.empty((B, H, T), dt)
     drop_scale = dt.type(1.0 / (1.0 - p_drop))
     consts = np.array([scale, drop_scale, np.inf], dtype=dt)
     if B * H * T:
         with _one_blas_thread():
             _forward(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D), keys, np.uint64(seed),
-                     np.uint64(threshold), threshold > 0, consts, out.reshape(B * H, T, D), lse.reshape(B * H, T))
-    return out, AttentionKernelCache(q, k, v, lse, keys, seed, threshold, drop_scale, float(scale))
+                     np.uint64(threshold), threshold > 0, consts, out.reshape(B * H, T, D), rowmax.reshape(B * H, T),
+                     rowsum.reshape(B * H, T))
+    return out, AttentionKernelCache(q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, float(scale))
 
 
 def attention_backward(dout, cache):
     """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv)."""
     if isinstance(cache, AttentionCache):  # from the reference forward
         return _reference_backward(dout, cache)
-    q, k, v, lse, keys, seed, threshold, drop_scale, scale = cache
+    q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, scale = cache
     checks.float_array("dout", dout)
     checks.shape("dout", dout, q.shape, "(B, H, T, D) like q")
     B, H, T, D = q.shape
@@ -231,6 +247,6 @@ def attention_backward(dout, cache):
     if B * H * T:
         r = lambda a: a.reshape(B * H, T, D)  # noqa: E731
         with _one_blas_thread():
-            _backward(r(dout), r(q), r(k), r(v), keys, lse.reshape(B * H, T), np.uint64(seed), np.uint64(threshold),
-                      threshold > 0, consts, r(dq), r(dk), r(dv))
+            _backward(r(dout), r(q), r(k), r(v), keys, rowmax.reshape(B * H, T), rowsum.reshape(B * H, T),
+                      np.uint64(seed), np.uint64(threshold), threshold > 0, consts, r(dq), r(dk), r(dv))
     return dq, dk, dv

@@ -3,22 +3,30 @@
 Large inputs: q of magnitude 1000 with integer values and k in {-1, 0, 1} make scores of order 1e4 that every
 summation order computes exactly, so the test exercises the stable softmax (one-hot and tied rows at huge logits)
 rather than measuring how BLAS rounds a 1e6-sized dot product, which no tolerance in ulps of the output could absorb.
+
+The kernel keeps no (T, T) array: its cache is q, k, v, each score row's max and exp-sum and the dropout seed, and its working
+memory is a (64, T) block per thread. It walks the queries in blocks of ker.BR = 64 rows, so T up to 70 crosses a block
+boundary.
 """
+
+import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
 
+from minielectra.gradcheck import check_op, format_table  # noqa: E402
 from minielectra.ops import attention as ref  # noqa: E402
+from minielectra.ops.dropout import drop_threshold, hashed_keep_mask  # noqa: E402
 from kernels.numba_cpu import attention as ker  # noqa: E402
 from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, SEEDS, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.numba
 
-DIMS = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 37), st.integers(1, 17))  # B, H, T, D
+DIMS = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 70), st.integers(1, 17))  # B, H, T, D
 
 
 def _inputs(seed, dims, dtype, big, heads_view):
@@ -92,12 +100,80 @@ def test_forward_and_backward_match_reference(seed, dims, dtype, big, heads_view
 def test_dropout_matches_reference_with_the_same_seed(seed, dims, dtype, big, p_drop):
     """Same seed -> the very same keep mask as the reference, the same outputs and gradients, the same rng state."""
     c, c_ref = _check(seed, dims, dtype, big, True, "lengths", p_drop)
+    assert (c.seed, c.threshold) == (c_ref.seed, c_ref.threshold)
     np.testing.assert_array_equal(c.keep, c_ref.dropout.scale != 0)
     rng_ref, rng = np.random.default_rng(seed), np.random.default_rng(seed)
     q, k, v, _ = _inputs(seed, dims, dtype, big, False)
     ref.attention_forward(q, k, v, None, p_drop, rng_ref)
     ker.attention_forward(q, k, v, None, p_drop, rng)
     assert rng.random() == rng_ref.random()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p_drop", [0.1, 0.5])
+def test_kernel_keep_bits_are_the_hashed_keep_mask(dtype, p_drop):
+    """The bits the kernel computes in its loops, read back through its output: with q = 0 every weight is 1 / T, and
+    with v = I (D = T) the output is the dropped weights themselves, so out != 0 exactly where the kernel kept."""
+    B, H, T = 2, 3, 70
+    q = np.zeros((B, H, T, T), dtype)
+    v = np.broadcast_to(np.eye(T, dtype=dtype), q.shape)
+    out, c = ker.attention_forward(q, q, v, None, p_drop, np.random.default_rng(4))
+    keep = hashed_keep_mask(np, c.seed, (B, H, T, T), drop_threshold(p_drop))
+    np.testing.assert_array_equal(out != 0, keep)
+    np.testing.assert_array_equal(out[keep], dtype(1 / T) * dtype(1 / (1 - p_drop)))
+    np.testing.assert_array_equal(c.keep, keep)
+
+
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_grads_against_its_own_forward(p_drop):
+    """Centred finite differences of the kernel's forward (float64, the mask redrawn from the same seed each call)
+    against the kernel's backward, which recomputes weights and keep bits rather than storing them; T = 67 spans two
+    row blocks, and the padding leaves a fully masked sequence."""
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((3, 2, 67, 3)) for _ in range(3))
+    mask = (np.arange(67)[None, :] < np.array([[67], [40], [0]])).astype(np.int64)
+
+    def forward(q, k, v):
+        return ker.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(7) if p_drop else None)
+
+    rows = check_op(forward, ker.attention_backward, {"q": q, "k": k, "v": v}, ["q", "k", "v"], rng)
+    assert all(r.ok and r.rel_error <= 1e-7 for r in rows), format_table(rows)
+
+
+def _cache_bytes(c):
+    return sum(a.nbytes for a in c if isinstance(a, np.ndarray))
+
+
+@pytest.mark.parametrize("p_drop", [0.0, 0.1])
+def test_memory_grows_linearly_in_T(p_drop):
+    """The cache holds q, k, v (B, H, T, D), rowmax and rowsum (B, H, T) and the key mask (B, T): nothing (T, T). Everything
+    forward + backward allocate (tracemalloc sees NumPy's and Numba's allocations) fits a budget linear in T: the
+    outputs, plus per busy thread two (BR, T) blocks, a (T, D) partial and a (T,) row of keep bits. At these sizes the
+    budget is below a single head's (T, T) weights, so one such array anywhere fails the test."""
+    B, H, D = 2, 2, 4
+    workers = min(numba.get_num_threads(), B * H)
+
+    def peak(T):
+        rng = np.random.default_rng(0)
+        q, k, v, dout = (rng.standard_normal((B, H, T, D)) for _ in range(4))
+        mask = np.ones((B, T))
+        tracemalloc.start()
+        try:
+            _, c = ker.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(1))
+            ker.attention_backward(dout, c)
+            used = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert _cache_bytes(c) == (3 * B * H * T * D + 2 * B * H * T) * 8 + B * T
+        return used
+
+    peak(64)  # compiled before measuring
+    for T in (1024, 2048):
+        outputs = (4 * B * H * T * D + 2 * B * H * T) * 8 + 2 * B * T  # out, dq, dk, dv, rowmax, rowsum; key masks
+        scratch = workers * (2 * ker.BR * T * 8 + T * D * 8 + T)
+        budget = outputs + scratch + 2**17  # + 128 KiB for the Python objects on the way
+        assert budget < T * T * 8
+        assert peak(T) <= budget, (T, peak(T), budget)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from minielectra import backend
 from minielectra.gradcheck import check_op, format_table
 from minielectra.ops.attention import attention_backward, attention_forward, key_mask, mha_backward, mha_forward
+from minielectra.ops.dropout import draw_seed, drop_threshold, hashed_keep_mask
 
 
 def assert_rows_ok(rows):
@@ -186,6 +187,22 @@ def test_dropout_acts_on_the_weights_and_cache_keeps_them_before_dropout():
     assert not np.allclose(out, attention_ref(q, k, v, mask)[0])
     with pytest.raises(TypeError, match="Generator"):
         attention_forward(q, k, v, mask, 0.5, None)
+
+
+def test_dropout_mask_is_the_hash_of_one_seed_drawn_from_the_generator():
+    """The weights' mask is hashed_keep_mask of one uint64 draw (what the Numba and CUDA kernels recompute); the cache
+    records seed and threshold, cache.keep rebuilds the mask, and the Generator moves on by that one draw."""
+    q, k, v = _qkv(8, 2, 3, 7, 4)
+    rng, twin = np.random.default_rng(9), np.random.default_rng(9)
+    _, cache = attention_forward(q, k, v, None, 0.25, rng)
+    seed = draw_seed(twin)
+    assert (cache.seed, cache.threshold) == (seed, drop_threshold(0.25))
+    keep = hashed_keep_mask(np, seed, (2, 3, 7, 7), drop_threshold(0.25))
+    np.testing.assert_array_equal(cache.keep, keep)
+    np.testing.assert_array_equal(cache.dropout.scale, keep / 0.75)
+    assert 0 < keep.mean() < 1 and rng.random() == twin.random()
+    _, cache = attention_forward(q, k, v)
+    assert cache.keep is None and cache.threshold == 0
 
 
 def test_attention_float32_in_float32_out():

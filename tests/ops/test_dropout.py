@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minielectra.gradcheck import check_op, format_table
-from minielectra.ops.dropout import dropout_backward, dropout_forward
+from minielectra.ops import dropout
+from minielectra.ops.dropout import dropout_backward, dropout_forward, drop_threshold, hashed_keep_mask
 
 
 def assert_rows_ok(rows):
@@ -105,3 +106,66 @@ def test_missing_generator_raises(rng):
 def test_int_input_names_x():
     with pytest.raises(TypeError, match=r"^x\b"):
         dropout_forward(np.arange(3), 0.5, np.random.default_rng(0))
+
+
+# ---- the counter-based keep mask (attention dropout) -------------------------------------------------------------
+
+M64 = 2**64 - 1
+
+
+def splitmix64(seed, counter):
+    """The hash of hashed_keep_mask for one counter, in Python integers: the readable definition the array version
+    must equal."""
+    z = (seed + counter * dropout.HASH_GOLDEN) & M64
+    z = ((z ^ (z >> 30)) * dropout.HASH_MIX1) & M64
+    z = ((z ^ (z >> 27)) * dropout.HASH_MIX2) & M64
+    return z ^ (z >> 31)
+
+
+def test_hash_is_splitmix64():
+    """Seeded with 0, splitmix64 (Steele, Lea and Flood 2014; Vigna's reference C) starts 0xE220A8397B1DCDAF,
+    0x6E789E6AA1B965F4: counters 1 and 2 of our hash. Flat index 0 uses counter 1, so its keep decision flips exactly
+    at the top 24 bits of the first value."""
+    assert splitmix64(0, 1) == 0xE220A8397B1DCDAF and splitmix64(0, 2) == 0x6E789E6AA1B965F4
+    assert hashed_keep_mask(np, 0, (2,), 0xE220A8).tolist() == [True, False]  # 0x6E789E < 0xE220A8
+    assert hashed_keep_mask(np, 0, (2,), 0xE220A9).tolist() == [False, False]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, M64), shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+       p=st.sampled_from([0.1, 0.5, 0.9]))
+def test_hashed_keep_mask_is_the_scalar_hash_of_the_flat_index(seed, shape, p):
+    keep = hashed_keep_mask(np, seed, tuple(shape), drop_threshold(p))
+    assert keep.shape == tuple(shape) and keep.dtype == bool
+    want = [(splitmix64(seed, i + 1) >> 40) >= drop_threshold(p) for i in range(keep.size)]
+    assert keep.ravel().tolist() == want
+
+
+def test_hashed_keep_mask_keeps_one_minus_p_and_depends_on_the_seed():
+    shape = (2, 3, 50, 50)
+    for p in (0.1, 0.5, 0.9):
+        keep = hashed_keep_mask(np, 12345, shape, drop_threshold(p))
+        assert abs(keep.mean() - (1 - p)) < 4 * np.sqrt(p * (1 - p) / keep.size)
+        # no structure along rows, columns or heads
+        assert np.abs(keep.mean(axis=(0, 1, 2)) - (1 - p)).max() < 0.1
+        assert np.abs(keep.mean(axis=(0, 2, 3)) - (1 - p)).max() < 0.05
+    a = hashed_keep_mask(np, 1, shape, drop_threshold(0.5))
+    np.testing.assert_array_equal(a, hashed_keep_mask(np, 1, shape, drop_threshold(0.5)))
+    assert (a != hashed_keep_mask(np, 2, shape, drop_threshold(0.5))).mean() > 0.4
+    assert hashed_keep_mask(np, 2**64 - 1, (1, 1, 3, 3), 1).shape == (1, 1, 3, 3)  # seeds use all 64 bits
+
+
+def test_drop_threshold():
+    assert drop_threshold(0.0) == 0 and drop_threshold(2**-30) == 1 and drop_threshold(0.5) == 2**23
+    assert drop_threshold(0.1) == 1677722  # ceil(0.1 * 2^24): keeps 1 - 1677722 / 2^24, within 2^-24 of 0.9
+    with pytest.raises(ValueError, match=r"^p must be in \[0, 1\)"):
+        drop_threshold(1.0)
+
+
+def test_draw_seed_takes_one_uint64_draw():
+    rng, twin = np.random.default_rng(7), np.random.default_rng(7)
+    seed = dropout.draw_seed(rng)
+    assert seed == int(twin.integers(0, 2**64, dtype=np.uint64)) and 0 <= seed <= M64
+    assert rng.random() == twin.random()
+    with pytest.raises(TypeError, match="Generator"):
+        dropout.draw_seed(None)
