@@ -292,3 +292,29 @@ def to_device(tree):
 
 def is_device(a):
     return isinstance(a, DeviceArray)
+
+
+class DeviceEmulatorRuntime:
+    """kernels/cupy_gpu's CPU emulator on DeviceArrays: launchers allocate with fakecupy and the .cu kernels run on the
+    arrays' NumPy buffers, so a launcher that reads a value on the host is caught as it would stall a real GPU."""
+
+    name = "fake-device emulator"
+    xp = fakecupy
+
+    def __init__(self):
+        from kernels.cupy_gpu.emulator import EmulatorRuntime
+
+        self._emulator = EmulatorRuntime()
+
+    def accepts(self, a):
+        return isinstance(a, DeviceArray)
+
+    def kernel(self, op, name):
+        fn = self._emulator.kernel(op, name)
+        return lambda grid, block, args, shared_mem=0: fn(grid, block, _unwrap(tuple(args), name), shared_mem)
+
+    def ptr(self, a):
+        return a._a.ctypes.data
+
+    def after_launch(self):
+        pass

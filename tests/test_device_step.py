@@ -9,6 +9,7 @@ where the CUDA launchers run the .cu kernels on the CPU emulator on device array
 """
 
 import dataclasses
+import shutil
 import numpy as np
 import pytest
 
@@ -242,3 +243,41 @@ def test_checkpoints_move_between_device_and_host_runs(tmp_path, corpus, monkeyp
 
     assert trained("host_then_device") == trained("straight")
     assert trained("device_then_host") == trained("straight")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU emulator needs g++ (C++20)")
+def test_cuda_launchers_on_device_arrays_read_nothing_on_the_host():
+    """The whole step with every dispatched op on the kernels.cupy_gpu launchers (the .cu kernels on the CPU
+    emulator), on device arrays: no host reads, and the reference step's numbers within float32 rounding."""
+    from kernels.cupy_gpu import _common
+
+    config = dataclasses.replace(CONFIG, vocab_size=200, num_hidden_layers=1, max_position_embeddings=24)
+    params = electra.init_model(config, np.random.default_rng(0))
+    ids, mask = padded_batch(B=2, T=11, real_in_last=7)
+    ids[ids >= config.vocab_size] %= config.vocab_size - 5
+    ref = electra.forward(params, (ids, mask), config, np.random.default_rng(3), train=False)
+    ref_grads = electra.backward(ref, params, config)
+    dparams = fd.to_device(params)
+    state = adamw_init(params)
+    adamw_step(params, ref_grads, state, 1e-3, TC, grad_scale=clip_scale(ref_grads, TC.max_grad_norm)[1])
+    with fd.register(kernels="kernels.cupy_gpu"), _common.using(fd.DeviceEmulatorRuntime()):
+        dstate = adamw_init(dparams)
+        with fd.no_syncs("a step on the CUDA launchers"):
+            out = electra.forward(dparams, (ids, mask), config, np.random.default_rng(3), train=False,
+                                  samples=ref.samples)
+            grads = electra.backward(out, dparams, config)
+            adamw = backend.dispatch("adamw_step", dparams[electra.WORDS])
+            adamw(dparams, grads, dstate, 1e-3, TC, grad_scale=clip_scale(grads, TC.max_grad_norm)[1])
+        for op in ("attention_forward", "softmax_cross_entropy", "adamw_step"):
+            assert backend.dispatch(op, dparams[electra.WORDS]).__module__.startswith("kernels.cupy_gpu."), op
+        losses, metrics = backend.host_values(out.losses), backend.host_values(out.metrics)
+    for k in ref.losses:
+        assert losses[k] == pytest.approx(ref.losses[k], rel=1e-5), k
+    assert metrics == pytest.approx(ref.metrics)
+    floor = 1e-6 * np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in ref_grads.values()))
+    for k in ref_grads:
+        err = np.linalg.norm((fd.fakecupy.asnumpy(grads[k]) - ref_grads[k]).astype(np.float64))
+        assert err <= 1e-5 * (np.linalg.norm(ref_grads[k].astype(np.float64)) + floor), k
+        # one AdamW update of size ~lr from nearly equal gradients: the params agree to float32 rounding of that
+        np.testing.assert_allclose(fd.fakecupy.asnumpy(dparams[k]), params[k], rtol=0, atol=1e-6, err_msg=k)
