@@ -11,8 +11,9 @@
 # **You will learn**
 # - to count the memory passes of a reference op and of its fused kernel, and why that count, not the FLOPs, sets
 #   their speed;
-# - how the Numba attention kernel is organised: one parallel iteration per (batch, head), a stable masked softmax in
-#   place, dropout drawn exactly as the reference draws it, single-threaded BLAS inside the parallel loop;
+# - how the Numba attention kernel is organised: one parallel iteration per (batch, head), blocks of 64 query rows, a
+#   stable masked softmax in place, the reference's hashed dropout mask, memory linear in T, single-threaded BLAS
+#   inside the parallel loop;
 # - why `kernels.numba_cpu` sets `OMP_WAIT_POLICY=PASSIVE`;
 # - how to check a float32 kernel against the reference, and how to time it (`minielectra.bench.bench_ops`).
 #
@@ -136,16 +137,18 @@ print(f"layernorm and bias+GELU kernels agree with the reference (float32, rtol 
 #
 # - **one `prange` iteration per (batch, head)**: B·H independent problems, spread over the cores by Numba's thread
 #   pool. Each iteration writes only its own (b, h) slices, so there are no races and no locks.
-# - `scores = q kᵀ` goes to BLAS (`np.dot` on the two contiguous (T, D) slices), written **straight into the (T, T)
-#   block of the cached `probs`**, and the softmax then runs in place on that block, one row at a time: scale and mask
-#   while finding the row max, then `exp(s - max)` and the sum, then the division. The max trick of lesson 02 keeps
-#   it stable; a row whose keys are all padding becomes zeros, as in the reference.
-# - dropout needs the dropped weights apart from `probs` (the backward and the plots want the weights before
-#   dropout), so an iteration with dropout allocates **one (T, T) scratch block** for `probs * keep / (1 - p)` and
-#   multiplies that by v. The backward needs one such block too, for `dprobs` and then `dscores`, in place.
-# - the **keep mask is drawn before the kernel runs, with the reference's own call**,
-#   `rng.random((B, H, T, T), dtype=float32) >= p`: the same Generator state gives the same mask, so the kernel and the
-#   reference agree with dropout on, and a seeded run is replayed exactly whichever backend it uses.
+# - the iteration walks its queries in **blocks of 64 rows**: `scores = q_blk kᵀ` goes to BLAS (`np.dot` on contiguous
+#   slices) into a (64, T) scratch block, and the softmax runs in place on it, one row at a time: scale and mask while
+#   finding the row max, then `exp(s - max)` and the sum, then the division. The max trick of lesson 02 keeps it
+#   stable; a row whose keys are all padding becomes zeros, as in the reference. Then `out_blk = weights @ v` (BLAS).
+# - **nothing (T, T) is kept**: the cache holds q, k, v and, per query row, its max and its sum (B, H, T). The backward
+#   redoes the same `np.dot` on the same block and rebuilds each weight as `exp(s - max) / sum`, the forward's very
+#   numbers, so memory grows linearly in T where the reference keeps `probs` and a dropout scale of (B, H, T, T) each.
+#   `cache.probs` recomputes the weights when you want to plot them.
+# - **dropout is the reference's hashed mask**: one 64-bit seed drawn from the Generator, and keep(b, h, i, j) a hash
+#   of the seed and the entry's flat index (`minielectra.ops.dropout.hashed_keep_mask`), computed inside the loops in
+#   the forward and again in the backward. The reference and the CUDA kernel use the same hash, so the same Generator
+#   state drops the same weights on every backend, and a seeded run is replayed exactly whichever backend it uses.
 # - **BLAS runs single-threaded inside the `prange`** (threadpoolctl limits it for the call): the parallel loop already
 #   keeps every core busy, and a multithreaded BLAS call from each of those threads would put several threads on each
 #   core (2 to 3 times slower, measured).
@@ -154,30 +157,40 @@ print(f"layernorm and bias+GELU kernels agree with the reference (float32, rtol 
 # kernel, with a padding mask and dropout.
 
 # %%
-def kernel_iteration(q, k, v, keys, keep, p_drop):
-    """One prange iteration: q, k, v (T, D) of one (b, h); keys (T,) bool real tokens; keep (T, T) bool or None."""
+def kernel_iteration(q, k, v, keys, keep, p_drop, rows=64):
+    """One prange iteration: q, k, v (T, D) of one (b, h); keys (T,) bool real tokens; keep (T, T) bool or None
+    (the kernel hashes each bit where it needs it). Returns out (T, D) and the row max and sum it saves (T,)."""
     T, D = q.shape
-    P = q @ k.T  # (T, T) scores, in the cached probs block
-    P = np.where(keys, P * np.float32(1 / np.sqrt(D)), -np.inf)  # scale and mask (here: some real key in every row)
-    P = np.exp(P - P.max(axis=1, keepdims=True))  # stable: the largest entry of each row is exp(0) = 1
-    P = P / P.sum(axis=1, keepdims=True)  # probs, kept for the backward
-    S = P if keep is None else np.where(keep, P * np.float32(1 / (1 - p_drop)), 0)  # the (T, T) scratch block
-    return S @ v, P  # (T, D), (T, T)
+    out, row_max, row_sum = np.empty_like(q), np.empty(T, q.dtype), np.empty(T, q.dtype)
+    for r0 in range(0, T, rows):  # one (rows, T) scratch block at a time
+        P = q[r0:r0 + rows] @ k.T  # scores
+        P = np.where(keys, P * np.float32(1 / np.sqrt(D)), -np.inf)  # scale and mask (here: some real key in every row)
+        row_max[r0:r0 + rows] = P.max(axis=1)
+        P = np.exp(P - row_max[r0:r0 + rows, None])  # stable: the largest entry of each row is exp(0) = 1
+        row_sum[r0:r0 + rows] = P.sum(axis=1)
+        P = P / row_sum[r0:r0 + rows, None]  # the weights; the backward rebuilds them from row_max and row_sum
+        if keep is not None:
+            P = np.where(keep[r0:r0 + rows], P * np.float32(1 / (1 - p_drop)), 0)
+        out[r0:r0 + rows] = P @ v
+    return out, row_max, row_sum
 
 
-B, H, T, D = 2, 2, 40, 16
+B, H, T, D = 2, 2, 80, 16  # T = 80: two row blocks
 q, k, v = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(3))
 mask = np.ones((B, T), np.int64)
-mask[1, 25:] = 0  # the second sequence: 25 real tokens, 15 pads
+mask[1, 25:] = 0  # the second sequence: 25 real tokens, 55 pads
 p_drop = 0.1
 out_ref, c_ref = ref_attn.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(3))
 out_ker, c_ker = k_attn.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(3))
-assert np.array_equal(c_ker.keep, c_ref.dropout.scale != 0)  # the very same dropout mask
+assert np.array_equal(c_ker.keep, c_ref.dropout.scale != 0)  # the very same dropout mask, rebuilt from one seed
+assert all(a.size < B * H * T * T for a in c_ker if isinstance(a, np.ndarray))  # the kernel's cache: nothing (T, T)
 out_loop = np.empty_like(out_ref)
 for bb in range(B):
     for hh in range(H):
-        out_loop[bb, hh], _ = kernel_iteration(q[bb, hh], k[bb, hh], v[bb, hh], mask[bb] != 0, c_ker.keep[bb, hh],
-                                               p_drop)
+        out_loop[bb, hh], row_max, row_sum = kernel_iteration(q[bb, hh], k[bb, hh], v[bb, hh], mask[bb] != 0,
+                                                              c_ker.keep[bb, hh], p_drop)
+        close(row_max, c_ker.rowmax[bb, hh], "row max")
+        close(row_sum, c_ker.rowsum[bb, hh], "row sum")
 close(out_loop, out_ref, "attention: our loop vs reference")
 close(out_ker, out_ref, "attention out")
 close(c_ker.probs, c_ref.probs, "attention probs")

@@ -36,6 +36,7 @@ from kernels.cupy_gpu import _common
 from kernels.cupy_gpu import attention as k_attn
 from minielectra import backend
 from minielectra.ops import attention as ref_attn
+from minielectra.ops.dropout import drop_threshold, hashed_keep_mask
 
 FIG_DIR = Path("lessons/figures/12_cuda_kernels")
 FIG_DIR.mkdir(parents=True, exist_ok=True)
@@ -226,18 +227,19 @@ print("saved", path)
 # %% [markdown]
 # ## 5. Dropout without a mask
 #
-# The reference draws a (B, H, T, T) keep mask with `rng.random` and keeps it. The kernel cannot: storing it would
-# undo section 4. Instead it draws **one** 64-bit seed from the Generator, and decides each keep(b, h, i, j) with a
-# counter-based hash (splitmix64) of the seed and the flat index, keeping the entry when the hash's top 24 bits are at
-# least `ceil(p · 2²⁴)`. The forward and both backward kernels compute the same hash, so the gradient is exact for the
-# mask used, and no mask is stored. It is not the reference's mask bit for bit (the one documented difference between
-# the backends), but it has the same distribution; `keep_mask` computes it on the host:
+# The reference keeps its (B, H, T, T) dropout scale for the backward. The kernel cannot: storing it would undo
+# section 4. What makes that possible is how the mask is drawn: **one** 64-bit seed from the Generator, and each
+# keep(b, h, i, j) a counter-based hash (splitmix64) of the seed and the flat index, kept when the hash's top 24 bits
+# are at least `ceil(p · 2²⁴)`. Any entry can be recomputed from the seed alone, so the forward and both backward
+# kernels compute the same bits, the gradient is exact for the mask used, and no mask is stored. The reference and the
+# Numba kernel draw the mask the same way (`minielectra.ops.dropout.hashed_keep_mask`), so the same Generator state
+# drops the same weights on every backend; on the host:
 
 # %%
 p_drop = 0.1
-threshold = k_attn.drop_threshold(p_drop)
-keep = k_attn.keep_mask(np, 12345, (2, 2, 64, 64), threshold)  # (B, H, T, T) bool
-assert np.array_equal(keep, k_attn.keep_mask(np, 12345, (2, 2, 64, 64), threshold))  # a pure function of the seed
+threshold = drop_threshold(p_drop)
+keep = hashed_keep_mask(np, 12345, (2, 2, 64, 64), threshold)  # (B, H, T, T) bool
+assert np.array_equal(keep, hashed_keep_mask(np, 12345, (2, 2, 64, 64), threshold))  # a pure function of the seed
 print(f"threshold {threshold} of 2^24; kept {keep.mean():.4f} of {keep.size} weights (expected {1 - p_drop})")
 assert abs(keep.mean() - (1 - p_drop)) < 0.01
 
