@@ -310,3 +310,17 @@ def test_model_kinds_check_the_init_runs_objective(tmp_path, capsys):
     assert finetune("--model", "lstm", "--init", str(tmp_path / "electra"), "--out", str(tmp_path / "l")) == 0
     lstm = F.load_classifier(tmp_path / "l")
     assert lstm.kind == "lstm" and lstm.tokenizer.vocab == pre.vocab and lstm.config.vocab_size == len(pre.vocab)
+
+
+def test_length_batches_cover_every_row_once_with_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, 1000)
+    batches = F.length_batches(rng.permutation(1000), lengths, 32, rng, window=10)
+    assert len(batches) == -(-1000 // 32) and sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert sum(len(b) < 32 for b in batches) == 1
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    random = sum(len(b) * lengths[b].max() for b in np.array_split(rng.permutation(1000), len(batches)))
+    assert padded < 0.7 * random  # far less padding than random batches
+    again = F.length_batches(np.random.default_rng(1).permutation(1000), lengths, 32, np.random.default_rng(1),
+                             window=10)
+    assert [b.tolist() for b in again] != [b.tolist() for b in batches]  # the epoch order still depends on the seed
