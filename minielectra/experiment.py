@@ -46,7 +46,7 @@ EXPERIMENTS = ("electra-vs-mlm",)
 OBJECTIVES = ("electra", "mlm")
 MODELS = ("electra", "mlm", "scratch", "lstm")
 FLOPS = {"electra": bench.model_flops, "mlm": mlm.model_flops}  # model FLOPs of one step, DESIGN.md's formula
-CALIBRATION_STEPS = 5  # timed steps per objective, after 2 untimed ones (Numba compiles on the first)
+CALIBRATION_STEPS = 10  # timed steps per objective (median), after 2 untimed ones (Numba compiles on the first)
 SCHEDULE_SHARE = 0.97  # of the budget the planned steps fill: evaluation, checkpoints and batching take the rest
 DEV_FRACTION = 0.1
 SPLIT_SEED = 0
@@ -252,9 +252,9 @@ def plot_results(path, rows, title):
     means = [100 * r["mean"] for r in rows]
     stds = [100 * r["std"] for r in rows]
     bars = ax.bar(names, means, yerr=stds, capsize=6, color=["C0", "C1", "C2", "C3"][:len(rows)])
-    for bar, m in zip(bars, means):
-        ax.annotate(f"{m:.1f}", (bar.get_x() + bar.get_width() / 2, m), xytext=(0, 8), textcoords="offset points",
-                    ha="center")
+    for bar, m, sd in zip(bars, means, stds):
+        ax.annotate(f"{m:.1f}", (bar.get_x() + bar.get_width() / 2, m + sd), xytext=(0, 4), textcoords="offset points",
+                    ha="center")  # above the error bar
     low = min(m - s for m, s in zip(means, stds))
     ax.set_ylim(max(0.0, math.floor(low / 5) * 5 - 5), 100)  # the differences matter, not the distance from 0
     ax.set_ylabel("held-out accuracy (%)")
