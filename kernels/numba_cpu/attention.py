@@ -101,6 +101,60 @@ class AttentionKernelCache(NamedTuple):
         return _dropout.hashed_keep_mask(np, self.seed, (B, H, T, T), self.threshold)
 
 
+@njit(cache=True, inline="always")
+def _keep_row(kept, seed, counter, threshold):
+    """kept[j] = the keep bit of flat index counter + j. A loop of its own: LLVM vectorises the integer hash here, where
+    beside an exp call it would run one entry at a time."""
+    for j in range(kept.shape[0]):
+        counter += _ONE  # the hash counts from flat index + 1
+        kept[j] = _keep(seed, counter, threshold)
+
+
+@njit(cache=True, inline="always")
+def _row_max(x, neg_inf):
+    """max(x) in four running maxima: a max is exact in any order, and four independent chains overlap in the CPU."""
+    m0 = m1 = m2 = m3 = neg_inf
+    T = x.shape[0]
+    for j in range(0, T - 3, 4):
+        m0, m1, m2, m3 = max(m0, x[j]), max(m1, x[j + 1]), max(m2, x[j + 2]), max(m3, x[j + 3])
+    for j in range(T - T % 4, T):
+        m0 = max(m0, x[j])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(cache=True, inline="always")
+def _row_sum(x):
+    """sum(x) in four interleaved partial sums: one running sum waits for each add in turn, four overlap (the
+    reference's pairwise sum is another order again, so agreement is to rounding either way)."""
+    zero = x[0] - x[0]
+    s0 = s1 = s2 = s3 = zero
+    T = x.shape[0]
+    for j in range(0, T - 3, 4):
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+    for j in range(T - T % 4, T):
+        s0 += x[j]
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, inline="always")
+def _row_dot(x, y):
+    """sum(x * y) in four interleaved partial sums, as _row_sum."""
+    zero = x[0] - x[0]
+    s0 = s1 = s2 = s3 = zero
+    T = x.shape[0]
+    for j in range(0, T - 3, 4):
+        s0 += x[j] * y[j]
+        s1 += x[j + 1] * y[j + 1]
+        s2 += x[j + 2] * y[j + 2]
+        s3 += x[j + 3] * y[j + 3]
+    for j in range(T - T % 4, T):
+        s0 += x[j] * y[j]
+    return (s0 + s1) + (s2 + s3)
+
+
 @njit(cache=True, parallel=True)
 def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, rowmax, rowsum):
     # q, k, v (B*H, T, D); keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop;
@@ -110,44 +164,35 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, rowmax, rowsum):
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
     for bh in prange(BH):
-        b = bh // H
+        kb = keys[bh // H]  # (T,)
         scratch = np.empty((min(BR, T), T), q.dtype)
+        kept = np.empty(T, np.bool_)
         for r0 in range(0, T, BR):
             n = min(BR, T - r0)
             P = scratch[:n]  # (n, T): scores, then weights, then dropped weights
             np.dot(q[bh, r0:r0 + n], k[bh].T, P)
             for ii in range(n):
                 i = r0 + ii
-                m = -inf
+                p = P[ii]  # (T,)
                 for j in range(T):
-                    if keys[b, j]:
-                        s = P[ii, j] * scale
-                        P[ii, j] = s
-                        if s > m:
-                            m = s
+                    p[j] = p[j] * scale if kb[j] else -inf
+                m = _row_max(p, -inf)
                 rowmax[bh, i] = m
                 if m == -inf:  # every key masked: no defined softmax, the reference's zeros
-                    for j in range(T):
-                        P[ii, j] = zero
+                    p[:] = zero
                     rowsum[bh, i] = zero
                     continue
-                tot = zero
                 for j in range(T):
-                    if keys[b, j]:
-                        e = np.exp(P[ii, j] - m)
-                        P[ii, j] = e
-                        tot += e
-                    else:
-                        P[ii, j] = zero
+                    p[j] = np.exp(p[j] - m) if kb[j] else zero
+                tot = _row_sum(p)
                 rowsum[bh, i] = tot
                 if use_drop:
-                    counter = np.uint64((bh * T + i) * T)  # flat index of (bh, i, 0); the hash counts from index + 1
+                    _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):
-                        counter += _ONE
-                        P[ii, j] = P[ii, j] / tot * drop_scale if _keep(seed, counter, threshold) else zero
+                        p[j] = p[j] / tot * drop_scale if kept[j] else zero
                 else:
                     for j in range(T):
-                        P[ii, j] = P[ii, j] / tot
+                        p[j] = p[j] / tot
             np.dot(P, v[bh], out[bh, r0:r0 + n])
 
 
@@ -167,7 +212,7 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
     for bh in prange(BH):
-        b = bh // H
+        kb = keys[bh // H]  # (T,)
         rows = min(BR, T)
         Pbuf = np.empty((rows, T), q.dtype)  # weights, then dropped weights
         Gbuf = np.empty((rows, T), q.dtype)  # d(dropped), then dprobs, then dscores
@@ -183,26 +228,24 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
             np.dot(gb, v[bh].T, G)  # from out = dropped @ v
             for ii in range(n):
                 i = r0 + ii
+                p, g = P[ii], G[ii]  # (T,)
                 m, tot = rowmax[bh, i], rowsum[bh, i]
                 if m == -inf:  # fully masked row: zero weights, so no gradient flows through it
-                    for j in range(T):
-                        P[ii, j] = zero
-                        G[ii, j] = zero
+                    p[:] = zero
+                    g[:] = zero
                     continue
-                counter = np.uint64((bh * T + i) * T)
-                dot = zero
-                for j in range(T):
-                    p = np.exp(P[ii, j] * scale - m) / tot if keys[b, j] else zero  # the forward's weight
-                    P[ii, j] = p
-                    if use_drop:
-                        counter += _ONE
-                        kept[j] = _keep(seed, counter, threshold)
-                        G[ii, j] = G[ii, j] * drop_scale if kept[j] else zero
-                    dot += G[ii, j] * p
+                for j in range(T):  # the forward's weights, by the forward's operations
+                    p[j] = np.exp(p[j] * scale - m) / tot if kb[j] else zero
+                if use_drop:
+                    _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
+                    for j in range(T):  # from dropped = p * keep / (1 - p_drop)
+                        g[j] = g[j] * drop_scale if kept[j] else zero
+                dot = _row_dot(g, p)
                 for j in range(T):  # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0
-                    G[ii, j] = P[ii, j] * (G[ii, j] - dot) * scale
-                    if use_drop:
-                        P[ii, j] = P[ii, j] * drop_scale if kept[j] else zero
+                    g[j] = p[j] * (g[j] - dot) * scale
+                if use_drop:
+                    for j in range(T):
+                        p[j] = p[j] * drop_scale if kept[j] else zero
             np.dot(P.T, gb, part)  # from out = dropped @ v
             _add_into(dv[bh], part)
             np.dot(G, k[bh], dq[bh, r0:r0 + n])  # from scores = q @ k^T * scale
