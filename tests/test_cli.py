@@ -109,3 +109,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     assert "stopped at step" in stdout and "Traceback" not in stderr
     saved = ckpt.load_checkpoint(out / "checkpoint.safetensors")
     assert 3 <= saved.step < 100000
+
+
+def test_pretrain_objective_mlm_and_max_minutes(tmp_path, corpus, capsys):
+    out = tmp_path / "mlm"
+    assert main(["pretrain", "--corpus", str(corpus), "--corpus", str(corpus), "--out", str(out), "--steps", "50",
+                 "--objective", "mlm", "--max-minutes", "1e-9", "--backend", "numpy", *SMALL_MODEL]) == 0
+    printed = capsys.readouterr().out
+    assert "stopped at step 1 of 50" in printed and "masked-LM loss" in printed
+    saved = ckpt.load_checkpoint(out / "checkpoint.safetensors")
+    assert saved.step == 1 and '"objective": "mlm"' in saved.config_json
+    assert main(["pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "x"), "--objective", "bert"]) == 2
+    assert "objective must be one of electra, mlm, got 'bert'" in capsys.readouterr().err
