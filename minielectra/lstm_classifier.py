@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minielectra.backend import dispatch
+from minielectra.backend import dispatch, get_xp
 from minielectra.config import N_SPECIAL_TOKENS, ConfigError
 from minielectra.nn import zeros_like
 from minielectra.nn.encoder import dense_backward, dense_forward
@@ -112,7 +112,8 @@ def _check_batch(batch, config):
     checks.int_array("input_ids", input_ids)
     checks.ndim("input_ids", input_ids, 2, "(B, T)")
     checks.shape("attention_mask", attention_mask, input_ids.shape, "(B, T) like input_ids")
-    if input_ids.size and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+    if input_ids.size and checks.readable(input_ids) and (int(input_ids.min()) < 0
+                                                          or int(input_ids.max()) >= config.vocab_size):
         raise ValueError(f"input_ids must lie in [0, vocab_size {config.vocab_size}): was the data tokenised with "
                          "this model's vocab?")
     if labels is not None:
@@ -125,6 +126,14 @@ def forward(params, batch, config: LSTMConfig, num_labels, rng=None, train=False
     """(loss, logits (B, labels), cache) on batch = (input_ids, attention_mask, token_type_ids, labels or None), as
     classifier.forward: loss None without labels; dropout on with train=True, drawn from rng in a fixed order."""
     input_ids, attention_mask, labels = _check_batch(batch, config)
+    if labels is not None and labels.size and checks.readable(labels) and (int(labels.min()) < 0
+                                                                          or int(labels.max()) >= num_labels):
+        raise ValueError(f"labels must lie in [0, {num_labels}), got values in [{int(labels.min())}, "
+                         f"{int(labels.max())}]")
+    # A host batch is checked above for free, then copied to the params' device (no-ops on the host).
+    xp = get_xp(params[WORDS])
+    input_ids, attention_mask = xp.asarray(input_ids), xp.asarray(attention_mask)
+    labels = None if labels is None else xp.asarray(labels)
     p = config.dropout if train else 0.0
     x, words = embedding_forward(input_ids, params[WORDS])  # (B, T, E)
     x, drop_in = dropout_forward(x, p, rng, train)
@@ -136,9 +145,6 @@ def forward(params, batch, config: LSTMConfig, num_labels, rng=None, train=False
         raise ValueError(f"the params' head has {logits.shape[1]} labels, not num_labels {num_labels}")
     loss = dlogits = None
     if labels is not None:
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-            raise ValueError(f"labels must lie in [0, {num_labels}), got values in [{int(labels.min())}, "
-                             f"{int(labels.max())}]")
         loss, dlogits = dispatch("softmax_cross_entropy", logits)(logits, labels)
     return loss, logits, LSTMClassifierCache(words, drop_in, lstm, drop_out, out, dlogits)
 

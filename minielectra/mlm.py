@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minielectra import electra
-from minielectra.backend import dispatch
+from minielectra.backend import dispatch, get_xp, on_device
 from minielectra.bench import masked_tokens
 from minielectra.config import ElectraConfig
 from minielectra.electra import DISC, EMB, WORDS, Masking, encoder_dims
@@ -98,24 +98,30 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, masking=None)
     """Losses, metrics and backward cache of one MLM step on batch = (input_ids (B, T), attention_mask (B, T)).
 
     `masking` replaces the drawn one (tests fix the corrupted input this way). As in electra.forward, masking and
-    dropout draw from their own Generators seeded from rng, and rng advances by the same amount every step.
+    dropout draw from their own Generators seeded from rng, and rng advances by the same amount every step; the
+    masking runs on the host and, with params on a device, the masked ids and picked rows are copied up and the loss
+    and accuracy come back as 0-d device arrays.
     """
-    input_ids, attention_mask = electra._check_batch(batch, config)
+    input_ids, attention_mask = electra._check_batch(batch, config)  # host arrays
     B, T = input_ids.shape
+    xp = get_xp(params[WORDS])
     mask_rng, drop_rng = (np.random.default_rng(s) for s in rng.integers(2**63, size=2))
     m = mask_tokens(input_ids, attention_mask, config, mask_rng) if masking is None else masking
     picked = m.weights.reshape(-1) > 0
     rows = (np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked]  # (N,) flat positions
     targets = input_ids.reshape(-1)[rows]  # (N,) the original tokens
+    masked_ids, attention_mask, rows, targets = (xp.asarray(a) for a in (m.masked_ids, attention_mask, rows,
+                                                                         targets))  # no-ops on the host
 
     d = encoder_dims(config, DISC)
-    h, enc = electra_encoder_forward(params, ENCODER, EMB, m.masked_ids, np.zeros_like(input_ids), attention_mask, d,
+    h, enc = electra_encoder_forward(params, ENCODER, EMB, masked_ids, xp.zeros_like(masked_ids), attention_mask, d,
                                      train, drop_rng)  # (B, T, C)
     logits, head = generator_head_forward(params, HEAD, WORDS, h.reshape(B * T, -1)[rows],
                                           config.layer_norm_eps)  # (N, V)
     loss, dlogits = dispatch("softmax_cross_entropy", logits)(logits, targets)
-    acc = float((logits.argmax(axis=-1) == targets).sum()) / len(targets) if len(targets) else 0.0
-    return Output({"loss": loss, "mlm_loss": loss}, {"mlm_acc": acc}, m,
+    hits = xp.asarray((logits.argmax(axis=-1) == targets).sum(), dtype=xp.float64)
+    acc = hits / max(len(targets), 1)  # 0 when nothing was picked, as electra's ratios
+    return Output({"loss": loss, "mlm_loss": loss}, {"mlm_acc": acc if on_device(acc) else float(acc)}, m,
                   StepCache(enc, head, rows, dlogits, tuple(h.shape)))
 
 
@@ -125,7 +131,7 @@ def backward(output: Output, params, config: ElectraConfig):
     grads = zeros_like(params)
     dx = generator_head_backward(c.dlogits, c.head, grads, HEAD, WORDS)  # (N, C)
     B, T, C = c.shape
-    dh = np.zeros((B * T, C), dtype=dx.dtype)
+    dh = get_xp(dx).zeros((B * T, C), dtype=dx.dtype)
     dh[c.rows] = dx  # inverts `h.reshape(B * T, -1)[rows]`: the unpicked positions get no gradient from the head
     electra_encoder_backward(dh.reshape(B, T, C), c.encoder, grads, ENCODER, EMB)
     return grads

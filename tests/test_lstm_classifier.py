@@ -91,3 +91,27 @@ def test_bad_input_and_config_are_named():
     with pytest.raises(ConfigError, match="unknown LSTMConfig field"):
         L.LSTMConfig.from_dict({"hidden": 3})
     assert L.LSTMConfig.from_dict(CONFIG.to_dict()) == CONFIG
+
+
+def test_step_on_a_device_matches_the_host_and_reads_nothing_back():
+    """On tests/fake_device.py's CuPy-like arrays: the same loss, logits and gradients, no host read in the step."""
+    import fake_device as fd
+
+    from minielectra import backend
+
+    before = backend.active_backend()
+    backend.set_backend("numpy")
+    try:
+        params = L.init_classifier(CONFIG, 2, np.random.default_rng(0))
+        batch = _batch(np.random.default_rng(1), 4, 6, CONFIG.vocab_size, 2)
+        loss, logits, grads = L.loss_and_grads(params, batch, CONFIG, 2, np.random.default_rng(2))
+        with fd.register(kernels=None) as device:
+            dparams = fd.to_device(params)
+            with fd.no_syncs("an LSTM classifier step"):
+                dloss, dlogits, dgrads = L.loss_and_grads(dparams, batch, CONFIG, 2, np.random.default_rng(2))
+            assert fd.is_device(dloss) and float(dloss) == loss
+            np.testing.assert_array_equal(device.asnumpy(dlogits), logits)
+            for k in params:
+                np.testing.assert_array_equal(device.asnumpy(dgrads[k]), grads[k], err_msg=k)
+    finally:
+        backend.set_backend(before)

@@ -176,3 +176,30 @@ def test_bad_batch_is_reported():
     ids, mask = _batch(np.random.default_rng(0), 2, 8, SMALL.vocab_size)
     with pytest.raises(ValueError, match="vocab_size"):
         M.forward(params, (ids + 100, mask), SMALL, np.random.default_rng(0))
+
+
+def test_step_on_a_device_matches_the_host_and_reads_nothing_back():
+    """On tests/fake_device.py's CuPy-like arrays: the same losses and gradients, and no host read during the step."""
+    import fake_device as fd
+
+    from minielectra import backend
+    from minielectra.optim import adamw_init
+
+    before = backend.active_backend()
+    backend.set_backend("numpy")
+    try:
+        config = ElectraConfig(**{**SMALL.__dict__, "vocab_size": 60})
+        params = M.init_model(config, np.random.default_rng(0))
+        batch = _batch(np.random.default_rng(1), 3, 12, config.vocab_size)
+        losses, metrics, grads = M.loss_and_grads(params, batch, config, np.random.default_rng(3))
+        with fd.register(kernels=None) as device:
+            dparams = fd.to_device(params)
+            with fd.no_syncs("an MLM step"):
+                dlosses, dmetrics, dgrads = M.loss_and_grads(dparams, batch, config, np.random.default_rng(3))
+                adamw_step(dparams, dgrads, adamw_init(dparams), 1e-3, preset("tiny")[1])
+            assert all(fd.is_device(v) for v in {**dlosses, **dmetrics}.values())
+            assert backend.host_values({**dlosses, **dmetrics}) == {**losses, **metrics}
+            for k in params:
+                np.testing.assert_array_equal(device.asnumpy(dgrads[k]), grads[k], err_msg=k)
+    finally:
+        backend.set_backend(before)
