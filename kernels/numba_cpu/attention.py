@@ -123,10 +123,9 @@ def _row_max(x, neg_inf):
 
 
 @njit(cache=True, inline="always")
-def _row_sum(x):
+def _row_sum(x, zero):
     """sum(x) in four interleaved partial sums: one running sum waits for each add in turn, four overlap (the
     reference's pairwise sum is another order again, so agreement is to rounding either way)."""
-    zero = x[0] - x[0]
     s0 = s1 = s2 = s3 = zero
     T = x.shape[0]
     for j in range(0, T - 3, 4):
@@ -140,9 +139,8 @@ def _row_sum(x):
 
 
 @njit(cache=True, inline="always")
-def _row_dot(x, y):
+def _row_dot(x, y, zero):
     """sum(x * y) in four interleaved partial sums, as _row_sum."""
-    zero = x[0] - x[0]
     s0 = s1 = s2 = s3 = zero
     T = x.shape[0]
     for j in range(0, T - 3, 4):
@@ -184,7 +182,7 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, rowmax, rowsum):
                     continue
                 for j in range(T):
                     p[j] = np.exp(p[j] - m) if kb[j] else zero
-                tot = _row_sum(p)
+                tot = _row_sum(p, zero)
                 rowsum[bh, i] = tot
                 if use_drop:
                     _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
@@ -240,7 +238,7 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
                     _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):  # from dropped = p * keep / (1 - p_drop)
                         g[j] = g[j] * drop_scale if kept[j] else zero
-                dot = _row_dot(g, p)
+                dot = _row_dot(g, p, zero)
                 for j in range(T):  # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0
                     g[j] = p[j] * (g[j] - dot) * scale
                 if use_drop:
