@@ -4,9 +4,9 @@ Large inputs: q of magnitude 1000 with integer values and k in {-1, 0, 1} make s
 summation order computes exactly, so the test exercises the stable softmax (one-hot and tied rows at huge logits)
 rather than measuring how BLAS rounds a 1e6-sized dot product, which no tolerance in ulps of the output could absorb.
 
-The kernel keeps no (T, T) array: its cache is q, k, v, each score row's max and exp-sum and the dropout seed, and its working
-memory is a (64, T) block per thread. It walks the queries in blocks of ker.BR = 64 rows, so T up to 70 crosses a block
-boundary.
+The kernel keeps no (T, T) array: its cache is q, k, v, each score row's max and exp-sum and the dropout seed, and
+its working memory is a few (64, T) blocks per thread. It walks the queries in blocks of ker.BR = 64 rows, so T up to
+70 crosses a block boundary.
 """
 
 import tracemalloc
@@ -146,10 +146,10 @@ def _cache_bytes(c):
 
 @pytest.mark.parametrize("p_drop", [0.0, 0.1])
 def test_memory_grows_linearly_in_T(p_drop):
-    """The cache holds q, k, v (B, H, T, D), rowmax and rowsum (B, H, T) and the key mask (B, T): nothing (T, T). Everything
-    forward + backward allocate (tracemalloc sees NumPy's and Numba's allocations) fits a budget linear in T: the
-    outputs, plus per busy thread two (BR, T) blocks, a (T, D) partial and a (T,) row of keep bits. At these sizes the
-    budget is below a single head's (T, T) weights, so one such array anywhere fails the test."""
+    """The cache holds q, k, v (B, H, T, D), rowmax and rowsum (B, H, T) and the key mask (B, T): nothing (T, T).
+    Everything forward + backward allocate (tracemalloc sees NumPy's and Numba's allocations) fits a budget linear in
+    T: the outputs, plus per busy thread two (BR, T) blocks, a (T, D) partial and a (T,) row of keep bits. At these
+    sizes the budget is below a single head's (T, T) weights, so one such array anywhere fails the test."""
     B, H, D = 2, 2, 4
     workers = min(numba.get_num_threads(), B * H)
 
@@ -173,7 +173,8 @@ def test_memory_grows_linearly_in_T(p_drop):
         scratch = workers * (2 * ker.BR * T * 8 + T * D * 8 + T)
         budget = outputs + scratch + 2**17  # + 128 KiB for the Python objects on the way
         assert budget < T * T * 8
-        assert peak(T) <= budget, (T, peak(T), budget)
+        used = peak(T)
+        assert used <= budget, (T, used, budget)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
