@@ -106,9 +106,18 @@ def time_calls(fn, steps, warmup):
     return statistics.median(times), first, times
 
 
-def peak_memory(fn):
-    """Peak bytes allocated (tracemalloc, which sees NumPy's buffers) during one call of fn, timed separately."""
+def peak_memory(fn, xp=np):
+    """Peak bytes allocated during one call of fn, timed separately: host memory through tracemalloc (which sees
+    NumPy's buffers), or for CuPy how much the device memory pool grew. The pool keeps freed blocks for reuse, so once
+    emptied of them it holds only the live arrays (params, optimizer state), and what it adds during the call is the
+    step's peak."""
     gc.collect()
+    if xp is not np:
+        pool = xp.get_default_memory_pool()
+        pool.free_all_blocks()
+        before = pool.total_bytes()
+        fn()
+        return pool.total_bytes() - before
     tracemalloc.start()
     try:
         fn()
@@ -136,7 +145,7 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
         "achieved_gflop_per_s": flops / median / 1e9,
         "gemm_gflop_per_s": gemm / 1e9,
         "mfu": flops / median / gemm,
-        "peak_memory_mb": peak_memory(step) / 2**20,
+        "peak_memory_mb": peak_memory(step, backend.array_module()) / 2**20,
         "compile_s": max(0.0, first - median),  # the first step's extra time: JIT compilation and caches
         "steps": steps, "warmup": warmup,
     }

@@ -39,7 +39,8 @@ from minielectra import classifier as clf
 from minielectra import config as cfgmod
 from minielectra import data as datamod
 from minielectra import lstm_classifier as lstm_clf
-from minielectra.backend import dispatch
+from minielectra import backend
+from minielectra.backend import dispatch, get_xp, on_device
 from minielectra.optim import AdamWState, adamw_init, clip_scale, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
 
@@ -198,7 +199,8 @@ def predict_logits(params, config, num_labels, enc: Encoded, batch_size=EVAL_BAT
     for start in range(0, n, batch_size):
         rows = order[start:start + batch_size]
         ids, mask, types = _trim(enc.input_ids[rows], enc.attention_mask[rows], enc.token_type_ids[rows])
-        logits[rows] = _module(config).forward(params, (ids, mask, types, None), config, num_labels)[1]
+        logits[rows] = backend.asnumpy(_module(config).forward(params, (ids, mask, types, None), config,
+                                                               num_labels)[1])  # one copy per batch on a device
     return logits
 
 
@@ -225,6 +227,14 @@ def _evaluate_encoded(params, config, num_labels, enc):
 
 
 # ---- fine-tuning ---------------------------------------------------------------------------------------------------
+
+
+def _check_finite(loss, norm, where, out):
+    from minielectra.train import TrainingError
+
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise TrainingError(f"{where}: the loss is {loss} and the gradient norm {norm}: training has diverged; lower "
+                            f"--lr (the best model so far is kept in {out})")
 
 
 def _grouped_adamw(params, grads, state, lr, tc, scales, grad_scale):
@@ -339,9 +349,10 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
     (out / "labels.json").write_text(json.dumps(names) + "\n")
     (out / "metrics.jsonl").write_text("")
 
-    from minielectra.train import TrainingError, _StopFlag
+    from minielectra.train import _StopFlag, _place
 
-    state = adamw_init(params)
+    params, state = _place(params, adamw_init(params), backend.array_module())  # on the GPU under cupy
+    xp = get_xp(*params.values())
     order_rng = np.random.default_rng(tc.seed + 1)
     dropout_rng = np.random.default_rng(tc.seed + 2)
     best = None
@@ -351,7 +362,7 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
         for epoch in range(1, epochs + 1):
             t_epoch = time.perf_counter()
             batches = length_batches(order_rng.permutation(n), lengths, tc.batch_size, order_rng)
-            loss_sum = correct = seen = 0.0
+            loss_sum = norm_sum = correct = seen = 0.0
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", disable=not progress,
                        dynamic_ncols=True, unit="step", leave=False)
             for b in range(steps_per_epoch):
@@ -361,15 +372,23 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
                 loss, logits, grads = _module(model).loss_and_grads(params, (ids, mask, types, labels), model,
                                                                     num_labels, dropout_rng, train=True)
                 norm, clip = clip_scale(grads, tc.max_grad_norm)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    raise TrainingError(f"epoch {epoch} step {b + 1}: the loss is {loss} and the gradient norm {norm}: "
-                                        f"training has diverged; lower --lr (the best model so far is kept in {out})")
+                device = on_device(norm)
+                if not device:  # on the host the check is free, so a diverged step is caught before its update
+                    _check_finite(loss, norm, f"epoch {epoch} step {b + 1}", out)
                 _grouped_adamw(params, grads, state, learning_rate(step, tc), tc, scales, clip)
                 step += 1
-                loss_sum += loss * len(rows_b)
-                correct += float((logits.argmax(axis=1) == labels).sum())
+                loss_sum = loss_sum + loss * len(rows_b)
+                norm_sum = norm_sum + norm
+                correct = correct + (logits.argmax(axis=1) == xp.asarray(labels)).sum()
                 seen += len(rows_b)
-                bar.set_postfix_str(f"loss {loss_sum / seen:.4f} accuracy {correct / seen:.4f}")
+                if not device or (b + 1) % tc.log_every == 0 or b + 1 == steps_per_epoch or stop.requested:
+                    # A device run's running sums cross to the host here, once per logging interval; a NaN anywhere
+                    # in the interval makes its sum NaN. The best model on disk is never one saved after it.
+                    sums = backend.host_values({"loss": loss_sum, "norm": norm_sum, "correct": correct})
+                    if device:
+                        _check_finite(sums["loss"], sums["norm"], f"epoch {epoch} by step {b + 1}", out)
+                    loss_sum, correct = sums["loss"], float(sums["correct"])
+                    bar.set_postfix_str(f"loss {loss_sum / seen:.4f} accuracy {correct / seen:.4f}")
                 bar.update(1)
                 if stop.requested:
                     break

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fake_device as fd
-from minielectra import backend, electra, train
+from minielectra import backend, electra, finetune, train
 from minielectra import checkpoint as ckpt
 from minielectra import classifier as K
 from minielectra.config import ElectraConfig, TrainConfig
@@ -92,9 +92,9 @@ def test_whole_step_stays_on_the_device_and_matches_numpy(device):
     fd.counts.largest_upload = 0
     with fd.no_syncs("a whole training step"):
         out, grads = full_step(dparams, dstate, batch, rng, 0)
-    N = sum(int(r) for r in electra.mask_tokens(*batch, CONFIG, np.random.default_rng(0)).weights.sum(axis=1))
-    # The (N, V) Gumbel noise is drawn on the device: nothing that large is copied up.
-    assert fd.counts.largest_upload < N * CONFIG.vocab_size * 4
+    # The (N, V) Gumbel noise and the dropout masks are drawn on the device: the largest copy up is a (B, T) array of
+    # the batch (ids, masked ids, attention mask), int64 at most.
+    assert 0 < fd.counts.largest_upload <= batch[0].size * 8
     fd.counts.largest_upload = max(largest, fd.counts.largest_upload)
     assert all(fd.is_device(v) for v in out.values()), "losses, metrics and the norm stay on the device"
     for tree in (dparams, grads, dstate.m, dstate.v):
@@ -156,6 +156,44 @@ def test_classifier_fine_tuning_step_on_the_device(device):
         assert fd.is_device(dgrads[k]) and fd.is_device(dparams[k]), k
         np.testing.assert_array_equal(device.asnumpy(dgrads[k]), grads[k], err_msg=k)
         np.testing.assert_array_equal(device.asnumpy(dparams[k]), params[k], err_msg=k)
+
+
+def test_finetune_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    lines = ["sentence\tlabel"] + [f"{'good fine great' if y else 'bad dull awful'} {' '.join(rng.choice(WORDS, 5))}\t{y}"
+                                   for y in rng.integers(0, 2, 48)]
+    data = tmp_path / "train.tsv"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model = dataclasses.replace(CONFIG, vocab_size=200)
+    tc = dataclasses.replace(PRETRAIN, batch_size=8, log_every=2, learning_rate=1e-3)
+
+    def run(name):
+        return finetune.finetune(tmp_path / name, data=data, model=model, train=tc, epochs=2, progress=False,
+                                 cache_dir=tmp_path / "cache", kind="scratch")
+
+    host_run = run("host")
+    with fd.register(kernels=None) as device:
+        monkeypatch.setattr(backend, "array_module", lambda: device)
+        syncs = []
+        step_fn = K.loss_and_grads
+
+        def counted(params, *args, **kw):
+            assert all(fd.is_device(p) for p in params.values())
+            syncs.append(fd.counts.syncs)
+            return step_fn(params, *args, **kw)
+
+        monkeypatch.setattr(K, "loss_and_grads", counted)
+        dev_run = run("device")
+    steps = host_run["history"][0]["step"]  # steps per epoch
+    per_step = np.diff(syncs)[:steps - 1]  # the first epoch's steps 1 .. steps-1 (the last one also evaluates)
+    for step, n in enumerate(per_step, start=1):
+        assert n == (1 if step % tc.log_every == 0 else 0), f"step {step} read the device {n} times"
+    drop = ("seconds",)
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in dev_run["history"]]
+            == [{k: v for k, v in r.items() if k not in drop} for r in host_run["history"]])
+    a, b = ckpt.load_params(host_run["model"]), ckpt.load_params(dev_run["model"])
+    for k in a[0]:
+        np.testing.assert_array_equal(b[0][k], a[0][k], err_msg=k)
 
 
 # ---- train.pretrain on the device ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Scaling at training time keeps the expected activation unchanged, so evaluation is the identity with no rescale.
 The mask comes from an explicit numpy Generator, so a run (and a gradient check) can be replayed exactly.
 
-Two ways to draw the mask. `dropout_forward` (hidden states) draws one uniform per entry and keeps the mask it returns.
+Two ways to draw the mask. `dropout_forward` (hidden states) draws one seed from the Generator, then one uniform per
+entry from a Generator of x's array module seeded with it, and keeps the mask it returns.
 Attention's weights use a counter-based mask instead: one 64-bit seed drawn from the Generator, and keep(index) a hash
 of (seed, flat index), `hashed_keep_mask`. Any entry of it can be recomputed from the seed alone, in any order, so a
 fused attention kernel decides dropout inside its loops and again in its backward without storing a (T, T) mask per
@@ -32,9 +33,12 @@ def dropout_forward(x, p, rng, train=True):
         return x, DropoutCache(None)
     if not isinstance(rng, np.random.Generator):
         raise TypeError("dropout needs an explicit numpy.random.Generator as rng (np.random.default_rng(seed))")
-    keep = rng.random(x.shape, dtype=np.float32) >= p  # drawn on the host so NumPy and CuPy runs see the same mask
+    # One seed from the Generator, the mask drawn where x lives: copying a host mask up to a GPU would move as many
+    # bytes as x itself on every call. A CuPy run therefore drops other entries than a NumPy run of the same seed
+    # (equally distributed), and replays its own exactly.
     xp = get_xp(x)
-    scale = xp.asarray(keep, dtype=x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    keep = xp.random.default_rng(int(rng.integers(2**63))).random(x.shape, dtype=np.float32) >= p
+    scale = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
     return x * scale, DropoutCache(scale)
 
 
