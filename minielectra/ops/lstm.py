@@ -53,7 +53,7 @@ def lstm_forward(x, mask, Wx, Wh, b, return_sequences=False):
     checks.shape("mask", mask, (B, T), "(B, T) like x's first two axes")
     xp = get_xp(x)
     keep = (mask != 0)[:, :, None]  # (B, T, 1)
-    xw = x @ Wx + b  # (B, T, 4H): the input's share of every step's gates, in one product
+    xw = (x.reshape(-1, E) @ Wx + b).reshape(B, T, 4 * H)  # the input's share of every step's gates, in one GEMM
     h = xp.zeros((B, T + 1, H), dtype=x.dtype)
     c = xp.zeros((B, T + 1, H), dtype=x.dtype)
     gates = xp.empty((B, T, 4 * H), dtype=x.dtype)
@@ -97,7 +97,7 @@ def lstm_backward(dout, cache):
         dat[:, 3 * H:] = dhn * tc * o * (1.0 - o)
         dc_next = xp.where(m, dcn * f, dc_next)
         dh_next = xp.where(m, dat @ Wh.T, dh)  # a = x_t @ Wx + h_{t-1} @ Wh + b
-    dx = da @ Wx.T  # (B, T, E)
+    dx = (da.reshape(-1, 4 * H) @ Wx.T).reshape(B, T, E)  # (B, T, E)
     dWx = x.reshape(-1, E).T @ da.reshape(-1, 4 * H)  # (E, 4H)
     dWh = h[:, :T].reshape(-1, H).T @ da.reshape(-1, 4 * H)  # (H, 4H): step t multiplied h_{t-1} = h[:, t]
     db = da.reshape(-1, 4 * H).sum(axis=0)
