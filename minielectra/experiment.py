@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minielectra import bench
+from minielectra import backend, bench
 from minielectra import config as cfgmod
 from minielectra import data as datamod
 from minielectra import finetune as ft
@@ -102,8 +102,9 @@ def seconds_per_step(model, tc, steps=CALIBRATION_STEPS):
     """The median wall-clock seconds of one full training step (forward, backward, clipping, AdamW) of the
     objective tc.objective, on a random batch of full-length sequences (as the packed corpus gives)."""
     module = trainmod.OBJECTIVES[tc.objective]
+    xp = backend.array_module()  # where pretrain keeps the params: the GPU under cupy
     params = module.init_model(model, np.random.default_rng(0))
-    state = adamw_init(params)
+    params, state = trainmod._place(params, adamw_init(params), xp)
     rng = np.random.default_rng(1)
     ids = rng.integers(5, model.vocab_size, (tc.batch_size, tc.seq_len))
     ids[:, 0], ids[:, -1] = model.cls_token_id, model.sep_token_id
@@ -114,6 +115,7 @@ def seconds_per_step(model, tc, steps=CALIBRATION_STEPS):
         _, _, grads = module.loss_and_grads(params, batch, model, rng, train=True)
         _, scale = clip_scale(grads, tc.max_grad_norm)
         update(params, grads, state, learning_rate(0, tc), tc, grad_scale=scale)
+        backend.synchronize(xp)  # a GPU step is timed to its end, not to its last launch
 
     return bench.time_calls(step, steps, warmup=2)[0]
 
