@@ -199,7 +199,9 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
 
 
 def bench_ops(config: ElectraConfig, train, batch_size, seq_len, repeats=10):
-    """[(op, reference s, kernel s or None)]: medians of `repeats` calls at the step's shapes, side by side."""
+    """[(op, reference s, kernel s or None, reference peak bytes, kernel peak bytes or None)]: medians of `repeats`
+    calls at the step's shapes, side by side, and the host memory one call allocates at its peak (caches included: a
+    forward's cache lives until its backward)."""
     import importlib
 
     rng = np.random.default_rng(0)
@@ -216,17 +218,21 @@ def bench_ops(config: ElectraConfig, train, batch_size, seq_len, repeats=10):
         has_kernel = package is not None and all(k is not r for k, r in zip(ker, ref))
         ref_t, _, _ = time_calls(runner(ref), repeats, 2)
         ker_t = time_calls(runner(ker), repeats, 2)[0] if has_kernel else None
-        rows.append((name, ref_t, ker_t))
+        ref_mem = peak_memory(runner(ref))
+        ker_mem = peak_memory(runner(ker)) if has_kernel else None
+        rows.append((name, ref_t, ker_t, ref_mem, ker_mem))
     return rows
 
 
 def format_ops(rows):
-    lines = [f"{'op':<20} {'reference ms':>12} {'kernel ms':>10} {'speed-up':>9}", "-" * 54]
-    for name, ref_t, ker_t in rows:
+    lines = [f"{'op':<20} {'reference ms':>12} {'kernel ms':>10} {'speed-up':>9} {'ref peak MiB':>13} "
+             f"{'kernel MiB':>11}", "-" * 80]
+    for name, ref_t, ker_t, ref_mem, ker_mem in rows:
         if ker_t is None:
-            lines.append(f"{name:<20} {ref_t * 1e3:>12.2f} {'-':>10} {'-':>9}")
+            lines.append(f"{name:<20} {ref_t * 1e3:>12.2f} {'-':>10} {'-':>9} {ref_mem / 2**20:>13.1f} {'-':>11}")
         else:
-            lines.append(f"{name:<20} {ref_t * 1e3:>12.2f} {ker_t * 1e3:>10.2f} {ref_t / ker_t:>8.2f}x")
+            lines.append(f"{name:<20} {ref_t * 1e3:>12.2f} {ker_t * 1e3:>10.2f} {ref_t / ker_t:>8.2f}x "
+                         f"{ref_mem / 2**20:>13.1f} {ker_mem / 2**20:>11.1f}")
     return "\n".join(lines)
 
 
