@@ -8,36 +8,14 @@ import pytest
 from minielectra import electra as E
 from minielectra import gradcheck as gc
 from minielectra.config import ElectraConfig, preset
+from model_checks import SMALL, float64_model, padded_batch
 from minielectra.optim import adamw_init, adamw_step
-
-SMALL = ElectraConfig(vocab_size=23, embedding_size=6, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=12, generator_hidden_size=4, generator_num_attention_heads=1,
-                      generator_intermediate_size=8, max_position_embeddings=16, mask_prob=0.3)
-
-
-def _batch(rng, B, T, V, pad_last=3):
-    ids = rng.integers(5, V, (B, T))
-    ids[:, 0], ids[:, -1] = 2, 3
-    mask = np.ones_like(ids)
-    ids[-1, T - pad_last:] = 0  # the last sequence is padded: [CLS] ... [SEP] [PAD] [PAD] [PAD]
-    ids[-1, T - pad_last - 1] = 3
-    mask[-1, T - pad_last:] = 0
-    return ids, mask
-
-
-def _float64_model(config, seed=0):
-    params = E.init_model(config, np.random.default_rng(seed), np.float64)
-    rng = np.random.default_rng(seed + 1)
-    for k in params:  # move biases and gains off 0 and 1 so their gradients are not special cases
-        params[k] += rng.standard_normal(params[k].shape) * 0.3
-    return params
-
 
 @pytest.mark.parametrize("config", [SMALL, ElectraConfig(**{**SMALL.__dict__, "embedding_size": 8})],
                          ids=["E!=hidden", "E==hidden"])
 def test_whole_model_gradient_check(config):
-    params = _float64_model(config)
-    batch = _batch(np.random.default_rng(2), 3, 9, config.vocab_size)
+    params = float64_model(E.init_model, config)
+    batch = padded_batch(np.random.default_rng(2), 3, 9, config.vocab_size)
     out = E.forward(params, batch, config, np.random.default_rng(7))  # dropout on
     grads = E.backward(out, params, config)
     assert set(grads) == set(params)
@@ -56,8 +34,8 @@ def test_shared_word_table_gets_three_gradients():
     """Sampled coordinates of the shared table, element by element: rows used by the generator's input, its tied LM
     head (every row: the softmax touches the whole vocabulary) and the discriminator's input."""
     config = SMALL
-    params = _float64_model(config)
-    ids, mask = _batch(np.random.default_rng(3), 3, 9, config.vocab_size)
+    params = float64_model(E.init_model, config)
+    ids, mask = padded_batch(np.random.default_rng(3), 3, 9, config.vocab_size)
     out = E.forward(params, (ids, mask), config, np.random.default_rng(11))
     grads = E.backward(out, params, config)
 
@@ -112,7 +90,7 @@ def test_gumbel_max_samples_from_the_softmax():
 def test_labels_mark_only_tokens_that_changed():
     config = SMALL
     params = E.init_model(config, np.random.default_rng(0))
-    ids, mask = _batch(np.random.default_rng(5), 4, 12, config.vocab_size)
+    ids, mask = padded_batch(np.random.default_rng(5), 4, 12, config.vocab_size)
     out = E.forward(params, (ids, mask), config, np.random.default_rng(1), train=False)
     targets = ids.reshape(-1)[out.cache.gen_rows]
     assert out.metrics["replaced_frac"] == pytest.approx((out.samples != targets).sum() / mask.sum())
@@ -124,7 +102,7 @@ def test_labels_mark_only_tokens_that_changed():
 def test_starting_loss_is_ln_v_plus_50_ln_2():
     config, _ = preset("tiny")
     params = E.init_model(config, np.random.default_rng(0))
-    batch = _batch(np.random.default_rng(0), 8, 64, config.vocab_size)
+    batch = padded_batch(np.random.default_rng(0), 8, 64, config.vocab_size)
     losses, _, _ = E.loss_and_grads(params, batch, config, np.random.default_rng(0))
     expected = math.log(config.vocab_size) + 50 * math.log(2)
     assert E.starting_loss(config.vocab_size) == pytest.approx(expected)
@@ -138,7 +116,7 @@ def test_tiny_overfits_one_batch():
     config, train = preset("tiny")
     params = E.init_model(config, np.random.default_rng(0))
     state = adamw_init(params)
-    batch = _batch(np.random.default_rng(0), 4, 32, config.vocab_size)
+    batch = padded_batch(np.random.default_rng(0), 4, 32, config.vocab_size)
     rng = np.random.default_rng(0)
     first = None
     for step in range(200):
@@ -151,7 +129,7 @@ def test_tiny_overfits_one_batch():
 def test_bad_batch_is_reported():
     config = SMALL
     params = E.init_model(config, np.random.default_rng(0))
-    ids, mask = _batch(np.random.default_rng(0), 2, 8, config.vocab_size)
+    ids, mask = padded_batch(np.random.default_rng(0), 2, 8, config.vocab_size)
     with pytest.raises(ValueError, match="vocab_size"):
         E.forward(params, (ids + 100, mask), config, np.random.default_rng(0))
     with pytest.raises(ValueError, match="attention_mask"):

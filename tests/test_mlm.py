@@ -12,36 +12,14 @@ from minielectra import electra as E
 from minielectra import gradcheck as gc
 from minielectra import mlm as M
 from minielectra.config import ElectraConfig, preset
+from model_checks import SMALL, float64_model, padded_batch
 from minielectra.optim import adamw_init, adamw_step
-
-SMALL = ElectraConfig(vocab_size=23, embedding_size=6, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=12, generator_hidden_size=4, generator_num_attention_heads=1,
-                      generator_intermediate_size=8, max_position_embeddings=16, mask_prob=0.3)
-
-
-def _batch(rng, B, T, V, pad_last=3):
-    ids = rng.integers(5, V, (B, T))
-    ids[:, 0], ids[:, -1] = 2, 3
-    mask = np.ones_like(ids)
-    ids[-1, T - pad_last:] = 0  # the last sequence is padded: [CLS] ... [SEP] [PAD] [PAD] [PAD]
-    ids[-1, T - pad_last - 1] = 3
-    mask[-1, T - pad_last:] = 0
-    return ids, mask
-
-
-def _float64_model(config, seed=0):
-    params = M.init_model(config, np.random.default_rng(seed), np.float64)
-    rng = np.random.default_rng(seed + 1)
-    for k in params:  # move biases and gains off 0 and 1 so their gradients are not special cases
-        params[k] += rng.standard_normal(params[k].shape) * 0.3
-    return params
-
 
 @pytest.mark.parametrize("config", [SMALL, ElectraConfig(**{**SMALL.__dict__, "embedding_size": 8})],
                          ids=["E!=hidden", "E==hidden"])
 def test_whole_model_gradient_check(config):
-    params = _float64_model(config)
-    batch = _batch(np.random.default_rng(2), 3, 9, config.vocab_size)
+    params = float64_model(M.init_model, config)
+    batch = padded_batch(np.random.default_rng(2), 3, 9, config.vocab_size)
     out = M.forward(params, batch, config, np.random.default_rng(7))  # dropout on
     grads = M.backward(out, params, config)
     assert set(grads) == set(params)
@@ -64,8 +42,8 @@ def test_whole_model_gradient_check(config):
 
 def test_tied_word_table_gets_lookup_and_lm_head_gradients():
     config = SMALL
-    params = _float64_model(config)
-    ids, mask = _batch(np.random.default_rng(3), 3, 9, config.vocab_size)
+    params = float64_model(M.init_model, config)
+    ids, mask = padded_batch(np.random.default_rng(3), 3, 9, config.vocab_size)
     out = M.forward(params, (ids, mask), config, np.random.default_rng(11))
     grads = M.backward(out, params, config)
 
@@ -108,7 +86,7 @@ def test_masking_is_bert_80_10_10_on_electras_picks():
 def test_lm_head_runs_at_the_picks_only():
     config = SMALL
     params = M.init_model(config, np.random.default_rng(0), np.float64)
-    ids, mask = _batch(np.random.default_rng(4), 2, 10, config.vocab_size)
+    ids, mask = padded_batch(np.random.default_rng(4), 2, 10, config.vocab_size)
     out = M.forward(params, (ids, mask), config, np.random.default_rng(0), train=False)
     n = int(out.masking.weights.sum())
     assert out.cache.dlogits.shape == (n, config.vocab_size)
@@ -119,7 +97,7 @@ def test_lm_head_runs_at_the_picks_only():
 def test_starting_loss_is_ln_v():
     config, _ = preset("tiny")
     params = M.init_model(config, np.random.default_rng(0))
-    batch = _batch(np.random.default_rng(0), 8, 64, config.vocab_size)
+    batch = padded_batch(np.random.default_rng(0), 8, 64, config.vocab_size)
     losses, metrics, _ = M.loss_and_grads(params, batch, config, np.random.default_rng(0))
     assert M.starting_loss(config.vocab_size) == pytest.approx(math.log(config.vocab_size))
     assert losses["loss"] == pytest.approx(math.log(config.vocab_size), rel=0.01)
@@ -134,7 +112,7 @@ def test_overfits_one_batch():
     _, train = preset("tiny")
     params = M.init_model(config, np.random.default_rng(0))
     state = adamw_init(params)
-    batch = _batch(np.random.default_rng(0), 4, 16, config.vocab_size)
+    batch = padded_batch(np.random.default_rng(0), 4, 16, config.vocab_size)
     first = None
     for _ in range(150):
         # the same corruption every step: a model can only memorise a fixed question
@@ -173,7 +151,7 @@ def test_model_flops_counts_every_weight_on_its_rows():
 
 def test_bad_batch_is_reported():
     params = M.init_model(SMALL, np.random.default_rng(0))
-    ids, mask = _batch(np.random.default_rng(0), 2, 8, SMALL.vocab_size)
+    ids, mask = padded_batch(np.random.default_rng(0), 2, 8, SMALL.vocab_size)
     with pytest.raises(ValueError, match="vocab_size"):
         M.forward(params, (ids + 100, mask), SMALL, np.random.default_rng(0))
 
@@ -190,7 +168,7 @@ def test_step_on_a_device_matches_the_host_and_reads_nothing_back():
     try:
         config = ElectraConfig(**{**SMALL.__dict__, "vocab_size": 60})
         params = M.init_model(config, np.random.default_rng(0))
-        batch = _batch(np.random.default_rng(1), 3, 12, config.vocab_size)
+        batch = padded_batch(np.random.default_rng(1), 3, 12, config.vocab_size)
         losses, metrics, grads = M.loss_and_grads(params, batch, config, np.random.default_rng(3))
         with fd.register(kernels=None) as device:
             dparams = fd.to_device(params)

@@ -1,0 +1,30 @@
+"""Shared by the whole-model tests (test_electra.py, test_mlm.py): a tiny config, a padded batch, a float64 model."""
+
+import numpy as np
+
+from minielectra.config import ElectraConfig
+
+SMALL = ElectraConfig(vocab_size=23, embedding_size=6, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=12, generator_hidden_size=4, generator_num_attention_heads=1,
+                      generator_intermediate_size=8, max_position_embeddings=16, mask_prob=0.3)
+
+
+def padded_batch(rng, B, T, V, pad_last=3):
+    """(ids, mask) (B, T) of random words in [CLS] ... [SEP]; the last sequence ends in pad_last [PAD]s."""
+    ids = rng.integers(5, V, (B, T))
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = np.ones_like(ids)
+    ids[-1, T - pad_last:] = 0  # the last sequence is padded: [CLS] ... [SEP] [PAD] [PAD] [PAD]
+    ids[-1, T - pad_last - 1] = 3
+    mask[-1, T - pad_last:] = 0
+    return ids, mask
+
+
+def float64_model(init_model, config, seed=0):
+    """init_model(config, rng, float64) with every parameter moved off its init, so that biases at 0 and gains at 1
+    are not special cases of their gradients."""
+    params = init_model(config, np.random.default_rng(seed), np.float64)
+    rng = np.random.default_rng(seed + 1)
+    for k in params:
+        params[k] += rng.standard_normal(params[k].shape) * 0.3
+    return params
