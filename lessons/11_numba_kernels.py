@@ -233,12 +233,12 @@ t0 = time.perf_counter()
 rows = bench.bench_ops(model_config, train_config, batch_size=8, seq_len=128, repeats=5)
 print(bench.format_ops(rows))
 print(f"({time.perf_counter() - t0:.1f} s)")
-assert all(ker is not None for _, _, ker in rows)  # every op has a Numba kernel
+assert all(ker is not None for _, _, ker, _, _ in rows)  # every op has a Numba kernel
 backend.set_backend("numpy")
 
 fig, ax = plt.subplots(figsize=(7, 3.6))
 names = [r[0] for r in rows]
-speedups = [ref / ker for _, ref, ker in rows]
+speedups = [ref / ker for _, ref, ker, _, _ in rows]
 ax.barh(names, speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
 ax.axvline(1.0, color="k", lw=1)
 ax.invert_yaxis()
