@@ -1,4 +1,5 @@
-"""Shared by the whole-model tests (test_electra.py, test_mlm.py): a tiny config, a padded batch, a float64 model."""
+"""Shared by the model tests: a tiny config, a padded batch, a float64 model (test_electra.py, test_mlm.py), and a
+small text corpus for training runs (test_train.py, test_device_step.py)."""
 
 import numpy as np
 
@@ -28,3 +29,15 @@ def float64_model(init_model, config, seed=0):
     for k in params:
         params[k] += rng.standard_normal(params[k].shape) * 0.3
     return params
+
+
+CORPUS_WORDS = ("the quick brown fox jumps over the lazy dog while a generator proposes words and a discriminator "
+                "decides which of them were replaced").split()
+
+
+def write_corpus(path, docs=80, seed=0):
+    """A text file of `docs` blank-line-separated documents of 20-59 random CORPUS_WORDS; returns path."""
+    rng = np.random.default_rng(seed)
+    text = "\n\n".join(" ".join(rng.choice(CORPUS_WORDS, size=rng.integers(20, 60))) + "." for _ in range(docs))
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fake_device as fd
+from model_checks import CORPUS_WORDS, write_corpus
 from minielectra import backend, electra, finetune, train
 from minielectra import checkpoint as ckpt
 from minielectra import classifier as K
@@ -160,8 +161,9 @@ def test_classifier_fine_tuning_step_on_the_device(device):
 
 def test_finetune_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    lines = ["sentence\tlabel"] + [f"{'good fine great' if y else 'bad dull awful'} {' '.join(rng.choice(WORDS, 5))}\t{y}"
-                                   for y in rng.integers(0, 2, 48)]
+    lines = ["sentence\tlabel"] + [
+        f"{'good fine great' if y else 'bad dull awful'} {' '.join(rng.choice(CORPUS_WORDS, 5))}\t{y}"
+        for y in rng.integers(0, 2, 48)]
     data = tmp_path / "train.tsv"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     model = dataclasses.replace(CONFIG, vocab_size=200)
@@ -200,17 +202,11 @@ def test_finetune_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_pa
 
 PRETRAIN = TrainConfig(seq_len=32, batch_size=4, steps=8, warmup_steps=2, log_every=2, checkpoint_every=6,
                        eval_fraction=0.1)
-WORDS = ("the quick brown fox jumps over the lazy dog while a generator proposes words and a discriminator "
-         "decides which of them were replaced").split()
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) + "." for _ in range(80)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(docs), encoding="utf-8")
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def pretrain(tmp_path, corpus, name, **kw):

@@ -10,6 +10,7 @@ from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
 from minielectra import electra, mlm, train
 from minielectra.config import ElectraConfig, TrainConfig
+from model_checks import write_corpus
 
 MODEL = ElectraConfig(vocab_size=300, embedding_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=32, generator_hidden_size=8, generator_num_attention_heads=1,
@@ -17,17 +18,11 @@ MODEL = ElectraConfig(vocab_size=300, embedding_size=16, hidden_size=16, num_hid
 TRAIN = TrainConfig(seq_len=32, batch_size=4, steps=8, warmup_steps=2, log_every=1, checkpoint_every=3,
                     eval_fraction=0.1)
 
-WORDS = ("the quick brown fox jumps over the lazy dog while a generator proposes words and a discriminator "
-         "decides which of them were replaced").split()
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) + "." for _ in range(80)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(docs), encoding="utf-8")
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def run(tmp_path, corpus, name, **kw):
