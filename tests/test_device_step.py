@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fake_device as fd
+import model_checks
 from model_checks import CORPUS_WORDS, write_corpus
 from minielectra import backend, electra, finetune, train
 from minielectra import checkpoint as ckpt
@@ -27,14 +28,9 @@ CONFIG = ElectraConfig(vocab_size=1000, embedding_size=16, hidden_size=24, num_h
 TC = TrainConfig(max_grad_norm=0.5)  # low enough that clipping scales the step
 
 
-def padded_batch(B=3, T=20, real_in_last=12, seed=1):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, CONFIG.vocab_size, (B, T))
-    ids[:, 0], ids[:, -1] = CONFIG.cls_token_id, CONFIG.sep_token_id
-    mask = np.ones_like(ids)
-    ids[-1, real_in_last:], mask[-1, real_in_last:] = CONFIG.pad_token_id, 0
-    ids[-1, real_in_last - 1] = CONFIG.sep_token_id
-    return ids, mask
+def padded_batch(B=3, T=20, pad_last=8, seed=1):
+    """(ids, mask) (B, T); the last sequence ends in pad_last [PAD]s."""
+    return model_checks.padded_batch(np.random.default_rng(seed), B, T, CONFIG.vocab_size, pad_last)
 
 
 def host(tree):
@@ -288,7 +284,7 @@ def test_cuda_launchers_on_device_arrays_read_nothing_on_the_host():
 
     config = dataclasses.replace(CONFIG, vocab_size=200, num_hidden_layers=1, max_position_embeddings=24)
     params = electra.init_model(config, np.random.default_rng(0))
-    ids, mask = padded_batch(B=2, T=11, real_in_last=7)
+    ids, mask = padded_batch(B=2, T=11, pad_last=4)
     ids[ids >= config.vocab_size] %= config.vocab_size - 5
     ref = electra.forward(params, (ids, mask), config, np.random.default_rng(3), train=False)
     ref_grads = electra.backward(ref, params, config)
