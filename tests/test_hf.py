@@ -444,6 +444,17 @@ def test_a_pickle_is_refused_with_the_conversion_command(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def small_pretraining_run(tmp_path):
+    """A pre-training run folder tmp_path/run of a one-layer model with random weights (no torch needed)."""
+    tok = make_vocab(tmp_path / "vocab.txt")
+    config = cfgmod.ElectraConfig(vocab_size=tok.vocab_size, embedding_size=8, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, generator_hidden_size=8,
+                                  generator_num_attention_heads=1, generator_intermediate_size=16,
+                                  max_position_embeddings=16)
+    (tmp_path / "run").mkdir()
+    write_pretraining_run(tmp_path / "run", config, electra.init_model(config, np.random.default_rng(0)))
+
+
 @pytest.mark.parametrize("problem, message", [
     ("no config", "no config.json"),
     ("no vocab", "no vocab.txt"),
@@ -457,13 +468,7 @@ def test_a_pickle_is_refused_with_the_conversion_command(tmp_path, capsys):
 ])
 def test_bad_folders_are_one_line_errors(tmp_path, capsys, problem, message):
     """Each folder is a valid one from export_hf, then broken in one way (no torch needed)."""
-    tok = make_vocab(tmp_path / "vocab.txt")
-    config = cfgmod.ElectraConfig(vocab_size=tok.vocab_size, embedding_size=8, hidden_size=16, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=32, generator_hidden_size=8,
-                                  generator_num_attention_heads=1, generator_intermediate_size=16,
-                                  max_position_embeddings=16)
-    (tmp_path / "run").mkdir()
-    write_pretraining_run(tmp_path / "run", config, electra.init_model(config, np.random.default_rng(0)))
+    small_pretraining_run(tmp_path)
     folder = tmp_path / "hf"
     hf.export_hf(tmp_path / "run", folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -498,13 +503,7 @@ def test_bad_folders_are_one_line_errors(tmp_path, capsys, problem, message):
 
 
 def test_export_and_detect_refuse_what_they_cannot_use(tmp_path, capsys):
-    tok = make_vocab(tmp_path / "vocab.txt")
-    config = cfgmod.ElectraConfig(vocab_size=tok.vocab_size, embedding_size=8, hidden_size=16, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=32, generator_hidden_size=8,
-                                  generator_num_attention_heads=1, generator_intermediate_size=16,
-                                  max_position_embeddings=16)
-    (tmp_path / "run").mkdir()
-    write_pretraining_run(tmp_path / "run", config, electra.init_model(config, np.random.default_rng(0)))
+    small_pretraining_run(tmp_path)
     hf.export_hf(tmp_path / "run", tmp_path / "gen", part="generator")
     hf.import_hf(tmp_path / "gen", tmp_path / "gen-run")
     assert cli.main(["detect", "--model", str(tmp_path / "gen-run"), "text"]) == 2
