@@ -27,7 +27,7 @@ from minielectra.nn.heads import (discriminator_head_backward, discriminator_hea
                                   generator_head_forward)
 from minielectra.optim import adamw_init
 from minielectra.ops.losses import sigmoid_cross_entropy, softmax_cross_entropy
-from minielectra.tokenizer import WordPieceTokenizer, train_wordpiece
+from minielectra.tokenizer import train_wordpiece
 
 NEEDS = "needs the interop extra: pip install -e '.[interop]' (torch CPU, transformers)"
 
