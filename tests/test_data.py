@@ -1,5 +1,4 @@
 import json
-import time
 
 import numpy as np
 import pytest
@@ -81,16 +80,13 @@ def test_load_corpus_dispatches_to_builtin(monkeypatch):
 
 
 def test_builtin_corpus_is_plenty_of_english():
-    start = time.perf_counter()
     docs = load_corpus(None)
-    seconds = time.perf_counter() - start
     assert len(docs) > 2000
     assert sum(map(len, docs)) > 1_000_000
     assert all(len(d) >= 40 for d in docs)
     words = " ".join(docs[:500]).lower().split()
     assert words.count("the") > 0.02 * len(words)  # English prose, not code
     assert not any(line.lstrip().startswith(">>>") for d in docs for line in d.splitlines())
-    assert seconds < 30  # a few seconds normally; generous for slow shared machines
 
 
 # --- tokenising and its cache ----------------------------------------------------------------------------------------
