@@ -16,7 +16,7 @@ import tracemalloc
 
 import numpy as np
 
-from minielectra import backend, electra
+from minielectra import backend, electra, parallel
 from minielectra.backend import dispatch
 from minielectra.config import ElectraConfig
 from minielectra.optim import adamw_init, clip_scale, learning_rate
@@ -67,7 +67,8 @@ def _random_batch(config, batch_size, seq_len, rng):
 
 
 def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
-    """A function running one full training step on a fixed random batch, and the params it trains.
+    """(step, params, plan): a function running one full training step on a fixed random batch, the params it
+    trains, and how it runs: {"shards", "threads", "threads_busy"} (train.shards, as parallel.plan resolves it).
 
     Under the cupy backend params and optimizer state live on the GPU, and the host batch is copied up by the step,
     as in training; the step waits for the GPU before it returns, so timing it times the work. It returns the loss
@@ -77,10 +78,12 @@ def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
     state = adamw_init(params)
     rng = np.random.default_rng(seed + 1)
     batch = _random_batch(config, batch_size, seq_len, rng)
+    shards, threads = parallel.plan(train.shards, batch_size, xp)
     counter = [0]
 
     def step():
-        losses, _, grads = electra.loss_and_grads(params, batch, config, rng, train=True)
+        losses, _, grads, _ = parallel.loss_and_grads(electra, params, batch, config, rng, train=True, shards=shards,
+                                                      threads=threads)
         _, scale = clip_scale(grads, train.max_grad_norm)
         dispatch("adamw_step", params[electra.WORDS])(params, grads, state, learning_rate(counter[0], train), train,
                                                          grad_scale=scale)
@@ -88,7 +91,7 @@ def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
         backend.synchronize(xp)
         return losses["loss"]
 
-    return step, params
+    return step, params, {"shards": shards, "threads": threads, "threads_busy": parallel.threads_busy(threads)}
 
 
 def time_calls(fn, steps, warmup):
@@ -128,7 +131,7 @@ def peak_memory(fn, xp=np):
 
 def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
     """The full-step benchmark as a dict (see the module docstring)."""
-    step, params = make_step(config, train, batch_size, seq_len)
+    step, params, plan = make_step(config, train, batch_size, seq_len)
     median, first, times = time_calls(step, steps, warmup)
     flops = model_flops(config, batch_size, seq_len)
     gemm = gemm_flops_per_s(xp=backend.array_module())
@@ -136,7 +139,7 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
         "backend": backend.active_backend(),
         "tf32": backend.tf32_enabled(),
         "kernels": backend.kernel_names(),
-        "batch": batch_size, "seq": seq_len,
+        "batch": batch_size, "seq": seq_len, **plan,
         "params_m": electra.count_params(params) / 1e6,
         "tokens_per_s": batch_size * seq_len / median,
         "s_per_step_median": median,
@@ -156,7 +159,7 @@ def format_step(r):
         f"backend {r['backend']}" + (f" (kernels: {', '.join(r['kernels'])})" if r["kernels"] else "")
         + (f"; TF32 GEMMs {'on' if r['tf32'] else 'off'}" if r["backend"] == "cupy" else ""),
         f"batch {r['batch']} x seq {r['seq']}, {r['params_m']:.2f} M params, {r['steps']} timed steps after "
-        f"{r['warmup']} warm-up",
+        f"{r['warmup']} warm-up; {r['shards']} shard(s) on {r['threads']} thread(s), {r['threads_busy']} busy",
         f"tokens/s            {r['tokens_per_s']:,.0f}",
         f"s/step (median)     {r['s_per_step_median']:.4f}   (min {r['s_per_step_min']:.4f})",
         f"model GFLOP/step    {r['model_gflop_per_step']:.2f}",

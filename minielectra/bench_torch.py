@@ -13,20 +13,20 @@ The PyTorch step does what `bench.make_step`'s does, on the same fixed random ba
   the learning rate set from our schedule every step);
 - shared embeddings: the generator's `electra.embeddings` IS the discriminator's module (word, position, token type,
   LayerNorm), and the generator's LM head weight IS the word table, so one table gets all three gradients;
-- float32, train mode (dropout as the config says), eager execution, `torch.set_num_threads` = our BLAS's threads.
+- float32, train mode (dropout as the config says), eager execution, `torch.set_num_threads` = the threads our step keeps busy (its shards' threads
+  times the BLAS threads each runs with: parallel.threads_busy).
 
 Two differences that do not change the work done: torch's AdamW applies bias correction (ours, as ELECTRA's, does not),
 and HF initialises with a plain normal (ours: truncated normal). `attn_implementation` defaults to HF's own default,
 "sdpa" (PyTorch's fused scaled_dot_product_attention); "eager" is HF's matmul-softmax-matmul, closer to ours.
 """
 
-import os
 import statistics
 import time
 
 import numpy as np
 
-from minielectra import backend, bench, electra
+from minielectra import backend, bench, electra, parallel
 from minielectra.config import ElectraConfig
 from minielectra.optim import learning_rate, no_decay
 
@@ -41,18 +41,6 @@ def _import():
     except ImportError as e:
         raise ImportError(MISSING) from e
     return torch, transformers
-
-
-def blas_threads():
-    """The number of threads NumPy's BLAS uses (threadpoolctl when installed, else os.cpu_count())."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return os.cpu_count() or 1
-    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    # torch ships BLAS/OpenMP libraries of its own once imported: prefer the one that came with NumPy.
-    ours = [i for i in blas if "numpy" in i.get("filepath", "")] or blas
-    return int(ours[0]["num_threads"]) if ours else (os.cpu_count() or 1)
 
 
 def hf_config(config: ElectraConfig, which, attn_implementation="sdpa"):
@@ -88,7 +76,7 @@ class TorchStep:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = backend.tf32_enabled()
-        self.threads = threads or blas_threads()
+        self.threads = threads or parallel.blas_threads()
         torch.set_num_threads(self.threads)
         torch.manual_seed(seed)
         self.attn_implementation = attn_implementation
@@ -175,8 +163,9 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
     """
     torch, transformers = _import()
     device = "cuda" if backend.active_backend() == "cupy" else "cpu"
-    ours, params = bench.make_step(config, train, batch_size, seq_len)  # synchronises the GPU before it returns
-    theirs = torch_step(config, train, batch_size, seq_len, attn_implementation=attn_implementation, device=device)
+    ours, params, plan = bench.make_step(config, train, batch_size, seq_len)  # synchronises the GPU before it returns
+    theirs = TorchStep(config, train, batch_size, seq_len, attn_implementation=attn_implementation,
+                       threads=plan["threads_busy"], device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     first = {"ours": float(ours()), "torch": theirs()}  # step 0's losses: both near ln V + rtd_weight ln 2
     for _ in range(max(0, warmup - 1)):
@@ -195,15 +184,11 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
     gemm = bench.gemm_flops_per_s(xp=backend.array_module())
     tokens = batch_size * seq_len
     med = {k: statistics.median(v) for k, v in times.items()}
-    numba_threads = None
-    if backend.active_backend() == "numba":
-        import numba
-
-        numba_threads = numba.get_num_threads()
     return {
         "backend": backend.active_backend(), "device": device, "tf32": backend.tf32_enabled(),
         "batch": batch_size, "seq": seq_len, "steps": steps, "warmup": warmup,
-        "threads": theirs.threads, "torch_threads": torch.get_num_threads(), "numba_threads": numba_threads,
+        "threads": theirs.threads, "torch_threads": torch.get_num_threads(),
+        "shards": plan["shards"], "shard_threads": plan["threads"],
         "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "attn_implementation": attn_implementation,
         "params_m_ours": electra.count_params(params) / 1e6, "params_m_torch": theirs.count_params() / 1e6,
@@ -219,11 +204,11 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
 
 
 def format_comparison(d):
-    numba = f", numba {d['numba_threads']} threads" if d.get("numba_threads") else ""
+    ours = f"; ours splits each batch into {d['shards']} shards on {d['shard_threads']} threads" if d["shards"] > 1 else ""
     rows = [
         f"vs PyTorch {d['torch_version']} + transformers {d['transformers_version']} on {d['device']}"
         f"{' with TF32 GEMMs' if d['tf32'] else ''} (attention: {d['attn_implementation']}), {d['threads']} threads "
-        f"each{numba}; {d['steps']} interleaved steps after "
+        f"each{ours}; {d['steps']} interleaved steps after "
         f"{d['warmup']} warm-up, batch {d['batch']} x seq {d['seq']}",
         f"{'':<16} {'minielectra (' + d['backend'] + ')':>22} {'pytorch':>12}",
         f"{'params (M)':<16} {d['params_m_ours']:>22.2f} {d['params_m_torch']:>12.2f}",

@@ -16,7 +16,8 @@ from minielectra import backend, config as cfgmod
 # Shortcut flags for the training fields people change most; any other field goes through --set NAME=VALUE.
 _TRAIN_FLAGS = {"steps": int, "batch": ("batch_size", int), "seq": ("seq_len", int), "lr": ("learning_rate", float),
                 "objective": str,
-                "warmup": ("warmup_steps", int), "seed": int, "log_every": int, "checkpoint_every": int}
+                "warmup": ("warmup_steps", int), "seed": int, "log_every": int, "checkpoint_every": int,
+                "shards": int}
 
 
 def _add_backend(p):
@@ -238,6 +239,9 @@ def build_parser():
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override any config field (repeatable)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--shards", type=int, default=None,
+                   help="split each batch into this many shards, run side by side on the CPU cores (default: one "
+                        "per core; 1 on a GPU)")
     p.add_argument("--steps", dest="bench_steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", dest="bench_warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--ops", action="store_true", help="also time each op: reference vs kernel")

@@ -96,6 +96,9 @@ class TrainConfig:
     checkpoint_every: int = 400  # steps between checkpoints (one is always written at the end)
     eval_fraction: float = 0.02  # share of packed sequences held out for evaluation
     objective: str = "electra"  # pre-training objective: electra (generator + discriminator) or mlm (BERT's masked LM)
+    # Each batch is split into this many shards, run on the CPU cores side by side (parallel.py); 0 = one per core on
+    # the host, 1 on a GPU, fixed when a run starts and saved with it: a run's numbers depend on its shard count.
+    shards: int = 0
 
     def validate(self, model=None):
         problems = []
@@ -109,6 +112,9 @@ class TrainConfig:
                             f"{model.max_position_embeddings}: shorten seq_len or raise max_position_embeddings")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
             problems.append("learning_rate and max_grad_norm must be positive; warmup_steps and weight_decay >= 0")
+        if not 0 <= self.shards <= self.batch_size:
+            problems.append(f"shards must be in [0, batch_size {self.batch_size}] (0: one per CPU core), got "
+                            f"{self.shards}")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.objective not in OBJECTIVES:

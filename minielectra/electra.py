@@ -132,6 +132,8 @@ class Output(NamedTuple):
     metrics: dict  # generator/discriminator accuracies, replaced-token precision/recall, replaced fraction
     samples: object  # (N,) the generator's sampled tokens at the picked positions, to replay a step exactly
     cache: StepCache
+    counts: dict  # what each mean loss divides by: mlm_loss the N picks, rtd_loss the real tokens (host floats)
+    tallies: dict  # each metric as (numerator, denominator), so that shards can add theirs up (see parallel.py)
 
 
 def _check_batch(batch, config):
@@ -171,6 +173,7 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
     m = mask_tokens(input_ids, attention_mask, config, mask_rng)
     picked = m.weights.reshape(-1) > 0
     rows = (np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked]  # (N,) flat positions
+    counts = {"mlm_loss": float(len(rows)), "rtd_loss": float((attention_mask != 0).sum())}  # on the host: no sync
     input_ids, attention_mask, masked_ids, rows = (xp.asarray(a) for a in (input_ids, attention_mask, m.masked_ids,
                                                                             rows))  # no-ops on the host
     types = xp.zeros_like(input_ids)
@@ -196,13 +199,20 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
     real = (attention_mask != 0).astype(dlogits_in.dtype)
     rtd_loss, drtd = dispatch("sigmoid_cross_entropy", dlogits_in)(dlogits_in, labels, real)
 
-    losses = {"loss": mlm_loss + config.rtd_weight * rtd_loss, "mlm_loss": mlm_loss, "rtd_loss": rtd_loss}
+    losses = {"mlm_loss": mlm_loss, "rtd_loss": rtd_loss}
+    losses = {"loss": total_loss(losses, config), **losses}
+    tallies = _tallies(logits, targets, dlogits_in, labels, real)
     cache = StepCache(gen, gen_head, disc, disc_head, rows, dmlm, drtd, tuple(gh.shape))
-    return Output(losses, _metrics(logits, targets, samples, dlogits_in, labels, real), samples, cache)
+    return Output(losses, ratios(tallies), samples, cache, counts, tallies)
 
 
-def _metrics(logits, targets, samples, dlogits, labels, real):
-    """Python floats for host arrays; 0-d float64 arrays on a device, copied to the host only when logged."""
+def total_loss(losses, config: ElectraConfig):
+    """ELECTRA's loss from its two means: mlm + rtd_weight * rtd."""
+    return losses["mlm_loss"] + config.rtd_weight * losses["rtd_loss"]
+
+
+def _tallies(logits, targets, dlogits, labels, real):
+    """Each metric's (numerator, denominator) as 0-d float64 arrays, summed where the arrays live."""
     xp = get_xp(dlogits)
     pred = dlogits > 0
     replaced = labels > 0
@@ -211,27 +221,42 @@ def _metrics(logits, targets, samples, dlogits, labels, real):
     def count(mask):
         return xp.asarray(mask.sum(), dtype=xp.float64)
 
-    def ratio(a, b):  # e.g. precision when nothing was flagged: 0, not NaN, so logs stay plain JSON
-        return xp.where(b > 0, a / xp.where(b > 0, b, 1.0), 0.0)
-
-    tp = count(pred & replaced & real)
-    metrics = {
-        "gen_acc": ratio(count(logits.argmax(axis=-1) == targets), xp.asarray(float(len(targets)))),
-        "disc_acc": ratio(count((pred == replaced) & real), count(real)),
-        "disc_precision": ratio(tp, count(pred & real)),
-        "disc_recall": ratio(tp, count(replaced & real)),
-        "replaced_frac": ratio(count(replaced & real), count(real)),
+    tp, n_real = count(pred & replaced & real), count(real)
+    return {
+        "gen_acc": (count(logits.argmax(axis=-1) == targets), xp.asarray(float(len(targets)))),
+        "disc_acc": (count((pred == replaced) & real), n_real),
+        "disc_precision": (tp, count(pred & real)),
+        "disc_recall": (tp, count(replaced & real)),
+        "replaced_frac": (count(replaced & real), n_real),
     }
-    return metrics if on_device(dlogits) else {k: float(v) for k, v in metrics.items()}
 
 
-def backward(output: Output, params, config: ElectraConfig):
-    """The grads dict of loss = mlm + rtd_weight * rtd, with the same keys as params."""
+def ratios(tallies):
+    """Metrics from (numerator, denominator) tallies: Python floats for host arrays; 0-d float64 arrays on a device,
+    copied to the host only when logged. A zero denominator (precision when nothing was flagged) gives 0, not NaN, so
+    logs stay plain JSON."""
+    metrics = {}
+    for name, (a, b) in tallies.items():
+        xp = get_xp(a)
+        metrics[name] = xp.where(b > 0, a / xp.where(b > 0, b, 1.0), 0.0)
+        if not on_device(a):
+            metrics[name] = float(metrics[name])
+    return metrics
+
+
+def backward(output: Output, params, config: ElectraConfig, shares=None):
+    """The grads dict of loss = mlm + rtd_weight * rtd, with the same keys as params.
+
+    shares {"mlm_loss": a, "rtd_loss": b} weighs the two means: the grads of a * mlm + rtd_weight * b * rtd, a shard's
+    part of a whole batch's loss (see parallel.py); None is 1 and 1."""
     c = output.cache
+    shares = shares or {"mlm_loss": 1.0, "rtd_loss": 1.0}
     grads = zeros_like(params)
-    ddh = discriminator_head_backward(c.drtd * c.drtd.dtype.type(config.rtd_weight), c.disc_head, grads, DISC)
+    drtd = c.drtd * c.drtd.dtype.type(config.rtd_weight * shares["rtd_loss"])
+    ddh = discriminator_head_backward(drtd, c.disc_head, grads, DISC)
     electra_encoder_backward(ddh, c.disc, grads, f"{DISC}.electra", EMB)
-    dg = generator_head_backward(c.dmlm, c.gen_head, grads, GEN, WORDS)  # (N, Cg)
+    dmlm = c.dmlm if shares["mlm_loss"] == 1.0 else c.dmlm * c.dmlm.dtype.type(shares["mlm_loss"])
+    dg = generator_head_backward(dmlm, c.gen_head, grads, GEN, WORDS)  # (N, Cg)
     B, T, Cg = c.shape
     dgh = get_xp(dg).zeros((B * T, Cg), dtype=dg.dtype)
     dgh[c.gen_rows] = dg  # the head ran on picked positions only; the rest get no gradient from it

@@ -38,7 +38,7 @@ from minielectra import backend, bench
 from minielectra import config as cfgmod
 from minielectra import data as datamod
 from minielectra import finetune as ft
-from minielectra import mlm, train as trainmod
+from minielectra import mlm, parallel, train as trainmod
 from minielectra.backend import dispatch
 from minielectra.optim import adamw_init, clip_scale, learning_rate
 
@@ -110,9 +110,11 @@ def seconds_per_step(model, tc, steps=CALIBRATION_STEPS):
     ids[:, 0], ids[:, -1] = model.cls_token_id, model.sep_token_id
     batch = ids, np.ones_like(ids)
     update = dispatch("adamw_step", next(iter(params.values())))
+    shards, threads = parallel.plan(tc.shards, tc.batch_size, xp)
 
     def step():
-        _, _, grads = module.loss_and_grads(params, batch, model, rng, train=True)
+        _, _, grads, _ = parallel.loss_and_grads(module, params, batch, model, rng, train=True, shards=shards,
+                                                 threads=threads)
         _, scale = clip_scale(grads, tc.max_grad_norm)
         update(params, grads, state, learning_rate(0, tc), tc, grad_scale=scale)
         backend.synchronize(xp)  # a GPU step is timed to its end, not to its last launch
@@ -334,9 +336,4 @@ def _check_settings(out, settings):
 
 
 def _machine():
-    import os
-
-    from minielectra import backend
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cores} CPU core(s), backend {backend.active_backend()}"
+    return f"{parallel.cores()} CPU core(s), backend {backend.active_backend()}"

@@ -46,7 +46,7 @@ def bench_cupy(preset, steps, warmup=2):
 
     config, train = get_preset(preset)  # the preset's own batch and sequence length (small: 128 x 128)
     batch, seq = train.batch_size, train.seq_len
-    step, params = bench.make_step(config, train, batch, seq)  # on the GPU under the cupy backend; it synchronises
+    step, params, _ = bench.make_step(config, train, batch, seq)  # on the GPU under the cupy backend; it synchronises
     t = time.perf_counter()
     first_loss = float(step())
     first = time.perf_counter() - t

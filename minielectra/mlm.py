@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minielectra import electra
-from minielectra.backend import dispatch, get_xp, on_device
+from minielectra.backend import dispatch, get_xp
 from minielectra.bench import masked_tokens
 from minielectra.config import ElectraConfig
 from minielectra.electra import DISC, EMB, WORDS, Masking, encoder_dims
@@ -92,6 +92,8 @@ class Output(NamedTuple):
     metrics: dict  # mlm_acc: the share of picked positions whose original token is the argmax
     masking: Masking  # the corrupted input, to replay a step exactly
     cache: StepCache
+    counts: dict  # what the mean loss divides by: {"mlm_loss": N picks} (a host float)
+    tallies: dict  # mlm_acc as (numerator, denominator), so that shards can add theirs up (see parallel.py)
 
 
 def forward(params, batch, config: ElectraConfig, rng, train=True, masking=None):
@@ -110,6 +112,7 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, masking=None)
     picked = m.weights.reshape(-1) > 0
     rows = (np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked]  # (N,) flat positions
     targets = input_ids.reshape(-1)[rows]  # (N,) the original tokens
+    counts = {"mlm_loss": float(len(rows))}
     masked_ids, attention_mask, rows, targets = (xp.asarray(a) for a in (m.masked_ids, attention_mask, rows,
                                                                          targets))  # no-ops on the host
 
@@ -120,16 +123,24 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, masking=None)
                                           config.layer_norm_eps)  # (N, V)
     loss, dlogits = dispatch("softmax_cross_entropy", logits)(logits, targets)
     hits = xp.asarray((logits.argmax(axis=-1) == targets).sum(), dtype=xp.float64)
-    acc = hits / max(len(targets), 1)  # 0 when nothing was picked, as electra's ratios
-    return Output({"loss": loss, "mlm_loss": loss}, {"mlm_acc": acc if on_device(acc) else float(acc)}, m,
-                  StepCache(enc, head, rows, dlogits, tuple(h.shape)))
+    tallies = {"mlm_acc": (hits, xp.asarray(float(len(targets))))}
+    return Output({"loss": loss, "mlm_loss": loss}, electra.ratios(tallies), m,
+                  StepCache(enc, head, rows, dlogits, tuple(h.shape)), counts, tallies)
 
 
-def backward(output: Output, params, config: ElectraConfig):
-    """The grads dict of the mean masked-LM cross-entropy, with the same keys as params."""
+def total_loss(losses, config: ElectraConfig):
+    """The masked-LM loss is its one mean."""
+    return losses["mlm_loss"]
+
+
+def backward(output: Output, params, config: ElectraConfig, shares=None):
+    """The grads dict of the mean masked-LM cross-entropy, with the same keys as params; shares {"mlm_loss": a}
+    scales it, a shard's part of a whole batch's loss (see parallel.py)."""
     c = output.cache
     grads = zeros_like(params)
-    dx = generator_head_backward(c.dlogits, c.head, grads, HEAD, WORDS)  # (N, C)
+    share = 1.0 if shares is None else shares["mlm_loss"]
+    dlogits = c.dlogits if share == 1.0 else c.dlogits * c.dlogits.dtype.type(share)
+    dx = generator_head_backward(dlogits, c.head, grads, HEAD, WORDS)  # (N, C)
     B, T, C = c.shape
     dh = get_xp(dx).zeros((B * T, C), dtype=dx.dtype)
     dh[c.rows] = dx  # inverts `h.reshape(B * T, -1)[rows]`: the unpicked positions get no gradient from the head

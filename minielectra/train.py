@@ -21,7 +21,7 @@ from tqdm import tqdm
 from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
 from minielectra import data as datamod
-from minielectra import electra, mlm
+from minielectra import electra, mlm, parallel
 from minielectra import backend
 from minielectra.backend import dispatch, on_device
 from minielectra.optim import adamw_init, clip_scale, learning_rate
@@ -150,12 +150,14 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
     params, state = _place(params, state, backend.array_module())
+    shards, threads = parallel.plan(train.shards, train.batch_size, backend.array_module())
+    train = dataclasses.replace(train, shards=shards)  # saved with the run: a resumed run splits its batches alike
     tok.save(out / "vocab.txt")
     (out / "config.json").write_text(cfgmod.to_json(model, train))
     disc = sum(int(np.prod(v.shape)) for k, v in params.items() if k.startswith(electra.DISC))
     _log(f"model: {train.objective}, the encoder fine-tuning keeps {disc / 1e6:.2f} M parameters, all "
          f"{electra.count_params(params) / 1e6:.2f} M; steps {start} -> {train.steps}, batch {train.batch_size} x "
-         f"{train.seq_len}")
+         f"{train.seq_len} in {shards} shard(s) on {threads} thread(s)")
 
     def save(step):
         ckpt.save_checkpoint(path, params, state, step, cfgmod.to_json(model, train), rng, vocab=tok.vocab,
@@ -173,7 +175,8 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
         step = start
         while step < end and not stop.requested and not out_of_time:
             batch = next(batches)
-            losses, metrics, grads = objective.loss_and_grads(params, batch, model, rng, train=True)
+            losses, metrics, grads, _ = parallel.loss_and_grads(objective, params, batch, model, rng, train=True,
+                                                                shards=shards, threads=threads)
             norm, scale = clip_scale(grads, train.max_grad_norm)
             lr = learning_rate(step, train)
             record = {"step": step + 1, **losses, **metrics, "lr": lr, "grad_norm": norm}

@@ -16,7 +16,7 @@ import pytest
 import fake_device as fd
 import model_checks
 from model_checks import CORPUS_WORDS, write_corpus
-from minielectra import backend, electra, finetune, train
+from minielectra import backend, electra, finetune, parallel, train
 from minielectra import checkpoint as ckpt
 from minielectra import classifier as K
 from minielectra.config import ElectraConfig, TrainConfig
@@ -196,8 +196,10 @@ def test_finetune_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_pa
 
 # ---- train.pretrain on the device ---------------------------------------------------------------------------------
 
+# Two shards: the host run splits each batch over two threads, the device run (one stream) takes the shards in turn,
+# and the two must agree bit for bit.
 PRETRAIN = TrainConfig(seq_len=32, batch_size=4, steps=8, warmup_steps=2, log_every=2, checkpoint_every=6,
-                       eval_fraction=0.1)
+                       eval_fraction=0.1, shards=2)
 
 
 @pytest.fixture
@@ -220,14 +222,14 @@ def test_pretrain_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_pa
     with fd.register(kernels=None) as device:
         monkeypatch.setattr(backend, "array_module", lambda: device)
         syncs = []  # host reads before each step, to find what each step cost
-        step_fn = electra.loss_and_grads
+        step_fn = parallel.loss_and_grads
 
-        def counted(params, *args, **kw):
+        def counted(objective, params, *args, **kw):
             assert all(fd.is_device(p) for p in params.values())
             syncs.append(fd.counts.syncs)
-            return step_fn(params, *args, **kw)
+            return step_fn(objective, params, *args, **kw)
 
-        monkeypatch.setattr(electra, "loss_and_grads", counted)
+        monkeypatch.setattr(parallel, "loss_and_grads", counted)
         dev_run = pretrain(tmp_path, corpus, "device")
     per_step = np.diff(syncs)  # the host reads of steps 1 .. 7 (each counted up to the start of the next)
     for step, n in enumerate(per_step, start=1):

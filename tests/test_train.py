@@ -8,7 +8,7 @@ import pytest
 
 from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
-from minielectra import electra, mlm, train
+from minielectra import electra, mlm, parallel, train
 from minielectra.config import ElectraConfig, TrainConfig
 from model_checks import write_corpus
 
@@ -66,17 +66,17 @@ def test_run_folder_holds_everything(tmp_path, corpus):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
-    real = electra.loss_and_grads
+    real = parallel.loss_and_grads
     calls = []
 
     def poisoned(*args, **kw):
-        losses, metrics, grads = real(*args, **kw)
+        losses, metrics, grads, outputs = real(*args, **kw)
         calls.append(1)
         if len(calls) == 5:  # step 5, after the checkpoint at step 3
             losses = {**losses, "loss": float("nan")}
-        return losses, metrics, grads
+        return losses, metrics, grads, outputs
 
-    monkeypatch.setattr(electra, "loss_and_grads", poisoned)
+    monkeypatch.setattr(parallel, "loss_and_grads", poisoned)
     with pytest.raises(train.TrainingError, match="diverged"):
         run(tmp_path, corpus, "nan")
     assert ckpt.load_checkpoint(tmp_path / "nan" / "checkpoint.safetensors").step == 3

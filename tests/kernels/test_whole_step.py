@@ -1,11 +1,12 @@
-"""A whole pre-training step on the numba backend gives the numpy backend's losses and gradients (float32)."""
+"""A whole pre-training step on the numba backend gives the numpy backend's losses and gradients (float32), also when
+the batch is split into shards whose kernels run on two threads at once."""
 
 import numpy as np
 import pytest
 
 pytest.importorskip("numba")
 
-from minielectra import backend, electra  # noqa: E402
+from minielectra import backend, electra, parallel  # noqa: E402
 from minielectra.config import ElectraConfig  # noqa: E402
 from numba_kernel_checks import padded_batch  # noqa: E402
 
@@ -16,19 +17,21 @@ CONFIG = ElectraConfig(vocab_size=500, embedding_size=32, hidden_size=48, num_hi
                        generator_intermediate_size=64, max_position_embeddings=64)
 
 
-def _step(name, params, batch):
+def _step(name, params, batch, shards):
     backend.set_backend(name)
     try:
-        return electra.loss_and_grads(params, batch, CONFIG, np.random.default_rng(3), train=True)
+        return parallel.loss_and_grads(electra, params, batch, CONFIG, np.random.default_rng(3), train=True,
+                                       shards=shards, threads=shards)[:3]
     finally:
         backend.set_backend("numpy")
 
 
-def test_numba_step_matches_numpy_step():
+@pytest.mark.parametrize("shards", [1, 2], ids=["one batch", "two shards on two threads"])
+def test_numba_step_matches_numpy_step(shards):
     params = electra.init_model(CONFIG, np.random.default_rng(0))
     ids, mask = padded_batch(CONFIG, 4, 37, real_in_last=20)
-    ref_losses, ref_metrics, ref_grads = _step("numpy", params, (ids, mask))
-    losses, metrics, grads = _step("numba", params, (ids, mask))
+    ref_losses, ref_metrics, ref_grads = _step("numpy", params, (ids, mask), shards)
+    losses, metrics, grads = _step("numba", params, (ids, mask), shards)
     for k in ref_losses:  # float32 sums in a different order: a few ulps on a loss of ~40
         assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5), k
     assert metrics == pytest.approx(ref_metrics)  # the same masks, samples and decisions
