@@ -30,7 +30,7 @@ class BiasGeluKernelCache(NamedTuple):
     approximate: bool
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _forward(x, b, approximate, c, out, s):
     # c: 0.5, 1, sqrt 2, sqrt(2/pi), 0.044715 in the input dtype
     N, F = x.shape
@@ -50,7 +50,7 @@ def _forward(x, b, approximate, c, out, s):
                 out[i, j] = h * phi  # x * Phi(x)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _backward(dout, x, b, s, approximate, c, dx, pdb):
     # c: 0.5, 1, sqrt 2, sqrt(2/pi), 0.044715, 1/sqrt(2 pi), -0.5, 3 * 0.044715 in the input dtype
     N, F = x.shape

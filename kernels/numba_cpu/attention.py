@@ -155,7 +155,7 @@ def _row_dot(x, y, zero):
     return (s0 + s1) + (s2 + s3)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, rowmax, rowsum):
     # q, k, v (B*H, T, D); keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop;
     # c: scale, dropout scale, +inf in the input dtype. Writes out (B*H, T, D), rowmax and rowsum (B*H, T).
@@ -204,7 +204,7 @@ def _add_into(acc, part):
             acc[t, d] += part[t, d]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c, dq, dk, dv):
     # As _forward, plus dout (B*H, T, D) and the forward's rowmax, rowsum; writes dq, dk, dv (B*H, T, D).
     BH, T, D = q.shape

@@ -14,7 +14,7 @@ from minielectra.ops import checks
 _BLOCK = 16  # columns per prange iteration: 64 bytes of float32, one cache line per row touched
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _scatter_add(ids, dout, dtable):
     n, E = dout.shape
     blocks = (E + _BLOCK - 1) // _BLOCK

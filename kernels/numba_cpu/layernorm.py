@@ -14,7 +14,7 @@ from minielectra.ops import checks
 from minielectra.ops.layernorm import LAYER_NORM_EPS, LayerNormCache
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _forward(x, gamma, beta, eps, one, fC, y, xhat, rstd):
     N, C = x.shape
     zero = one - one
@@ -35,7 +35,7 @@ def _forward(x, gamma, beta, eps, one, fC, y, xhat, rstd):
             y[i, j] = xh * gamma[j] + beta[j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _backward(dout, xhat, rstd, gamma, fC, dx, pgamma, pbeta):
     N, C = dout.shape
     chunks = pgamma.shape[0]

@@ -16,7 +16,7 @@ from numba import njit, prange
 from minielectra.ops.losses import as_weights, check_sigmoid_ce_args, check_softmax_ce_args
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _softmax_ce(logits, targets, w, denom, one, wlogp, dlogits):
     N, V = logits.shape
     zero = one - one
@@ -39,7 +39,7 @@ def _softmax_ce(logits, targets, w, denom, one, wlogp, dlogits):
         dlogits[i, t] = (pt - one) * c
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _sigmoid_ce(z, y, w, denom, one, wper, dz):
     n = z.shape[0]
     zero = one - one

@@ -11,7 +11,7 @@ from numba import njit, prange
 from minielectra.optim import _check_matching, no_decay
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _adamw_flat(p, g, m, v, lr, grad_scale, b1, c1, b2, c2, eps, wd):
     for i in prange(p.size):  # each iteration owns element i
         gi = g[i] * grad_scale
