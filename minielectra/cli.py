@@ -85,9 +85,14 @@ def cmd_experiment(args):
     from minielectra import experiment
 
     model, tc = _configs(args)
-    rows, md, png = experiment.run(args.out, args.corpus, args.data, args.budget_minutes, seeds=args.seeds,
-                                   corpus_from_data=args.corpus_from_data, model=model, train=tc, epochs=args.epochs,
-                                   max_rows=args.max_rows, config_name=args.config)
+    result = experiment.run(args.out, args.corpus, args.data, args.budget_minutes, seeds=args.seeds,
+                            corpus_from_data=args.corpus_from_data, model=model, train=tc, epochs=args.epochs,
+                            max_rows=args.max_rows, config_name=args.config, only=args.only)
+    if args.only:
+        print(f"pre-trained {args.only}: {result['steps']} steps in {result['minutes']:.1f} min; run again without "
+              "--only once every objective is done")
+        return 0
+    rows, md, png = result
     print(experiment.format_table(rows))
     print(experiment.ordering_line(rows))
     print(f"written: {md}, {png}")
@@ -329,6 +334,9 @@ def build_parser():
                    help="folder for the runs and results.md / results.png; a rerun skips the finished stages")
     p.add_argument("--config", default="tiny", help="model and pre-training preset (tiny, small) or JSON file")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--only", choices=("electra", "mlm"), default=None,
+                   help="pre-train this objective alone and stop (one process per objective pre-trains both at "
+                        "once); rerun without --only to fine-tune and tabulate")
     _add_backend(p)
     p.set_defaults(func=cmd_experiment)
 

@@ -151,7 +151,7 @@ def pretrain_stage(out, objective, corpora, model, base_train, budget_minutes, p
     per_step = FLOPS[objective](saved, tc.batch_size, tc.seq_len)
     record = {"objective": objective, "steps": s["step"], "planned_steps": steps, "seconds_per_step": step_s,
               "minutes": s["seconds"] / 60.0, "stage_minutes": (time.perf_counter() - t0) / 60.0,
-              "flops_per_step": per_step, "flops": per_step * s["step"],
+              "flops_per_step": per_step, "flops": per_step * s["step"], "machine": _machine(),
               "last": s["last"]}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -233,8 +233,8 @@ def ordering_line(rows):
 
 def write_markdown(path, rows, info):
     text = [f"# {info['experiment']}: ELECTRA vs masked-LM pre-training at equal wall-clock time", "",
-            f"Pre-training: {', '.join(info['corpora'])}; {info['budget_minutes']:g} minutes per objective on "
-            f"{info['machine']}, config {info['config']}.",
+            f"Pre-training: {', '.join(info['corpora'])}; {info['budget_minutes']:g} minutes per objective "
+            f"({'; '.join(f'{o} on {m}' for o, m in info['pretrain_machines'].items())}), config {info['config']}.",
             f"Fine-tuning: {info['data']} ({info['train_rows']} training rows; accuracy on {info['val_rows']} "
             f"held-out rows, a fixed 10 % split), {info['epochs']} epoch(s), seeds {info['seeds']}.", "",
             format_table(rows), "",
@@ -273,8 +273,15 @@ def plot_results(path, rows, title):
 
 
 def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, model=None, train=None, epochs=3,
-        max_rows=None, config_name="tiny", progress=True, cache_dir=None):
-    """Run (or continue) the experiment into `out`; returns (rows, markdown path, png path)."""
+        max_rows=None, config_name="tiny", progress=True, cache_dir=None, only=None):
+    """Run (or continue) the experiment into `out`; returns (rows, markdown path, png path).
+
+    only: an objective ("electra" or "mlm"): prepare the data, pre-train that objective alone and return its stage
+    record. Two processes, one per objective, pre-train both at the same time (on a machine with the cores for it);
+    a later call without `only` finds both stages done and goes on with the fine-tuning.
+    """
+    if only is not None and only not in OBJECTIVES:
+        raise cfgmod.ConfigError(f"--only must be one of {', '.join(OBJECTIVES)}, got {only!r}")
     if not budget_minutes or budget_minutes <= 0:
         raise cfgmod.ConfigError(f"--budget-minutes must be positive, got {budget_minutes}")
     if seeds < 1 or epochs < 1:
@@ -297,6 +304,8 @@ def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, mod
     _log(f"data: {train_tsv} and {dev_tsv} (a fixed {DEV_FRACTION:.0%} split); pre-training text: "
          f"{', '.join(corpora)}")
 
+    if only is not None:
+        return pretrain_stage(out, only, corpora, model, base_train, budget_minutes, progress, cache_dir)
     pretrained = {o: pretrain_stage(out, o, corpora, model, base_train, budget_minutes, progress, cache_dir)
                   for o in OBJECTIVES}
     finetuned = []
@@ -309,7 +318,8 @@ def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, mod
 
     rows = summarise(pretrained, finetuned)
     info = {"experiment": "electra-vs-mlm", "corpora": corpora, "budget_minutes": budget_minutes,
-            "machine": _machine(), "config": config_name, "data": str(data), "train_rows": finetuned[0]["train_rows"],
+            "machine": _machine(), "pretrain_machines": {o: r["machine"] for o, r in pretrained.items()},
+            "config": config_name, "data": str(data), "train_rows": finetuned[0]["train_rows"],
             "val_rows": finetuned[0]["val_rows"], "epochs": epochs, "seeds": f"0..{seeds - 1}"}
     md = out / "results.md"
     write_markdown(md, rows, info)

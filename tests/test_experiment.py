@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from minielectra import backend
+from minielectra import backend, parallel
 from minielectra import experiment as X
 from minielectra.cli import main
 
@@ -104,3 +104,20 @@ def test_plan_fills_the_budget_with_the_presets_warmup_share():
     _, base = preset("tiny")  # 80 warmup steps of 800
     steps, warmup = X.plan_steps(10, 0.5, base)
     assert steps == int(0.97 * 600 / 0.5) and warmup == round(steps * 0.1)
+
+
+def test_only_pretrains_one_objective_and_a_full_run_then_skips_both(tmp_path, files, capsys):
+    data, corpus = files
+    out = tmp_path / "exp"
+    argv = ["experiment", "electra-vs-mlm", "--corpus", str(corpus), "--data", str(data), "--budget-minutes", "0.01",
+            "--seeds", "1", "--epochs", "1", "--out", str(out), *TINY]
+    for objective in ("electra", "mlm"):
+        assert main([*argv, "--only", objective]) == 0
+        assert f"pre-trained {objective}:" in capsys.readouterr().out
+        assert (out / f"pretrain-{objective}" / "stage.json").exists()
+    assert not (out / "finetune").exists()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pretrain electra: done before" in printed and "pretrain mlm: done before" in printed
+    md = (out / "results.md").read_text()
+    assert f"electra on {parallel.cores()} CPU core(s)" in md
