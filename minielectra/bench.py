@@ -1,7 +1,8 @@
 """`minielectra bench`: throughput and model FLOPs of the full ELECTRA training step, and per-op kernel speed-ups.
 
 The step timed is everything a training step does: masking, generator, Gumbel sampling, discriminator, both losses,
-the backward pass, gradient clipping and the AdamW update, on a random batch of full-length sequences.
+the backward pass, gradient clipping and the AdamW update, on a random batch of full-length sequences, split into
+shards run side by side on the CPU cores as training splits it (parallel.py; `--shards`, default one per core).
 
 Model FLOPs follow DESIGN.md: 6 x (weights x rows) summed over the linear layers (2 for the forward matmul, 4 for
 the two backward ones), plus 12 x layers x T^2 x hidden x B per encoder for the attention score and value matmuls.
