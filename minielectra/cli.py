@@ -94,7 +94,9 @@ def cmd_experiment(args):
         return 0
     rows, md, png = result
     print(experiment.format_table(rows))
-    print(experiment.ordering_line(rows))
+    print("On all held-out rows: " + experiment.ordering_line(rows))
+    if all("unseen_mean" in r for r in rows):
+        print("On the unseen rows: " + experiment.ordering_line(rows, "unseen_"))
     print(f"written: {md}, {png}")
     return 0
 

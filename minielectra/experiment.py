@@ -8,7 +8,7 @@ masked. The experiment:
    dev.tsv. Every model and seed is fine-tuned on the same 90 % and scored on the same 10 %. With --corpus-from-data the
    training part's sentences (never the held-out ones) are added to the unlabelled pre-training text
    (OUT/data/unlabelled.txt), as the issue asks for SST-2's sentences next to the movie reviews.
-2. pre-training: `electra`, then `mlm`, each for the same wall-clock budget on the same corpus with the same encoder
+2. pre-training: `electra`, then `mlm` (or both at once, one process each with --only), each for the same wall-clock budget on the same corpus with the same encoder
    and the same WordPiece vocab. A short calibration times each objective's step first, so that the learning-rate
    schedule (warmup, then linear decay) is planned to end when the budget does; pretrain's max_minutes is the hard stop.
    Each run reports the model FLOPs it actually used: its steps x its step's FLOPs (bench.model_flops, mlm.model_flops).
@@ -17,7 +17,10 @@ masked. The experiment:
 4. OUT/results.md (the table), OUT/results.png (mean accuracy, standard-deviation error bars), OUT/results.json.
 
 Accuracy is the best epoch's accuracy on the held-out 10 % (finetune keeps the best epoch, as GLUE dev results are
-reported); std is the sample standard deviation over the seeds (ddof 1).
+reported); std is the sample standard deviation over the seeds (ddof 1). The same epoch is also scored on the unseen
+rows, the held-out rows whose sentence appears nowhere word for word inside a training row (OUT/data/dev-unseen.tsv,
+prepare_unseen): SST-2's training file holds every sub-phrase of its parsed sentences, so most of a random held-out
+split can be answered from memory, and only the unseen rows measure reading new text.
 
 Every stage writes a record when it completes (OUT/pretrain-<objective>/stage.json, OUT/finetune/<model>-seed<s>/
 result.json) and a rerun skips the stages that have one, so an interrupted experiment continues where it stopped.
@@ -95,6 +98,28 @@ def prepare_data(out, data, max_rows=None, reader=None):
     return paths
 
 
+def prepare_unseen(out, reader=None):
+    """OUT/data/dev-unseen.tsv: the held-out rows whose sentence does not appear, word for word, inside any training
+    row; None for sentence-pair data. SST-2's training file holds every sub-phrase of its parsed sentences, so most
+    held-out rows can be answered by remembering a training row: accuracy on these is accuracy on new text."""
+    folder = Path(out) / "data"
+    path = folder / "dev-unseen.tsv"
+    reader = reader or ft.task_reader(None)
+    train_rows, dev_rows = (ft._read(folder / name, reader) for name in ("train.tsv", "dev.tsv"))
+    if dev_rows.pairs is not None:
+        return None
+    if path.exists():
+        return path
+    # Each training row padded with spaces, one per line: " s " inside it is a match on word boundaries, and no match
+    # can run across two rows, as the pattern holds no line break.
+    seen = "\n".join(f" {_clean(t)} " for t in train_rows.texts)
+    keep = [i for i, t in enumerate(dev_rows.texts) if f" {_clean(t)} " not in seen]
+    if not keep:
+        return None
+    _write_tsv(path, datamod.subset(dev_rows, keep))
+    return path
+
+
 # ---- 2. pre-training -------------------------------------------------------------------------------------------------
 
 
@@ -160,8 +185,10 @@ def pretrain_stage(out, objective, corpora, model, base_train, budget_minutes, p
 # ---- 3. fine-tuning --------------------------------------------------------------------------------------------------
 
 
-def finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, seq_len, epochs, progress=True, cache_dir=None):
-    """Fine-tune one model with one seed into OUT/finetune/<kind>-seed<seed>; its record (from result.json if done)."""
+def finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, seq_len, epochs, progress=True, cache_dir=None,
+                   unseen_tsv=None):
+    """Fine-tune one model with one seed into OUT/finetune/<kind>-seed<seed>; its record (from result.json if done).
+    The kept (best) epoch is also scored on unseen_tsv, when given (see prepare_unseen)."""
     folder = Path(out) / "finetune" / f"{kind}-seed{seed}"
     record_path = folder / "result.json"
     if record_path.exists():
@@ -175,6 +202,9 @@ def finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, seq_len, epochs, p
     record = {"model": kind, "seed": seed, "accuracy": s["best"]["val_accuracy"], "epoch": s["best"]["epoch"],
               "last_accuracy": s["history"][-1]["val_accuracy"], "minutes": s["seconds"] / 60.0,
               "train_rows": s["train_rows"], "val_rows": s["val_rows"]}
+    if unseen_tsv is not None:
+        unseen = ft.evaluate(folder, unseen_tsv)
+        record.update(unseen_accuracy=unseen["accuracy"], unseen_rows=unseen["n"])
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     _log(f"finetune {kind} seed {seed}: accuracy {100 * record['accuracy']:.2f} % (epoch {record['epoch']}), "
          f"{record['minutes']:.1f} min")
@@ -184,9 +214,14 @@ def finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, seq_len, epochs, p
 # ---- 4. results ------------------------------------------------------------------------------------------------------
 
 
+def _mean_std(values):
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(pretrained, finetuned):
-    """One row per model: mean and std accuracy over the seeds, per-seed accuracies, pre-training FLOPs and minutes
-    (None for the models that were not pre-trained), mean fine-tuning minutes."""
+    """One row per model: mean and std accuracy over the seeds, per-seed accuracies, the same on the unseen rows
+    (when scored), pre-training FLOPs and minutes (None for the models that were not pre-trained), mean fine-tuning
+    minutes."""
     rows = []
     for kind in MODELS:
         runs = sorted((r for r in finetuned if r["model"] == kind), key=lambda r: r["seed"])
@@ -194,7 +229,12 @@ def summarise(pretrained, finetuned):
             continue
         acc = [r["accuracy"] for r in runs]
         pre = pretrained.get(kind)
-        rows.append({"model": kind, "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        mean, std = _mean_std(acc)
+        unseen = [r["unseen_accuracy"] for r in runs if "unseen_accuracy" in r]
+        if unseen:
+            unseen_mean, unseen_std = _mean_std(unseen)
+            unseen = {"unseen_mean": unseen_mean, "unseen_std": unseen_std, "unseen_rows": runs[0]["unseen_rows"]}
+        rows.append({"model": kind, "mean": mean, "std": std, **(unseen or {}),
                      "accuracies": acc, "seeds": [r["seed"] for r in runs],
                      "pretrain_flops": pre["flops"] if pre else None,
                      "pretrain_steps": pre["steps"] if pre else None,
@@ -204,27 +244,32 @@ def summarise(pretrained, finetuned):
 
 
 def format_table(rows):
-    lines = ["| model | accuracy (mean ± std) | pre-training FLOPs | pre-training steps | pre-training minutes | "
-             "fine-tuning minutes (per seed) | accuracy per seed |",
-             "|---|---|---|---|---|---|---|"]
+    unseen = all("unseen_mean" in r for r in rows)
+    lines = ["| model | accuracy (mean ± std) | " + ("on unseen rows | " if unseen else "")
+             + "pre-training FLOPs | pre-training steps | pre-training minutes | fine-tuning minutes (per seed) | "
+             "accuracy per seed |",
+             "|---|---|---|---|---|---|---|" + ("---|" if unseen else "")]
     for r in rows:
         if r["pretrain_flops"] is None:
             pre = "- | - | -"
         else:
             pre = f"{r['pretrain_flops']:.3g} | {r['pretrain_steps']} | {r['pretrain_minutes']:.2f}"
         per_seed = ", ".join(f"{100 * a:.2f}" for a in r["accuracies"])
-        lines.append(f"| {r['model']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} % | {pre} | "
+        on_unseen = f"{100 * r['unseen_mean']:.2f} ± {100 * r['unseen_std']:.2f} % | " if unseen else ""
+        lines.append(f"| {r['model']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} % | {on_unseen}{pre} | "
                      f"{r['finetune_minutes']:.2f} | {per_seed} |")
     return "\n".join(lines)
 
 
-def ordering_line(rows):
-    """Whether electra > mlm > scratch holds with gaps of more than one standard deviation (the larger of the two)."""
+def ordering_line(rows, prefix=""):
+    """Whether electra > mlm > scratch holds with gaps of more than one standard deviation (the larger of the two);
+    prefix "unseen_" asks it of the accuracies on the unseen rows."""
     by = {r["model"]: r for r in rows}
+    mean, std = prefix + "mean", prefix + "std"
     parts = []
     for a, b in (("electra", "mlm"), ("mlm", "scratch")):
-        if a in by and b in by:
-            gap, sd = by[a]["mean"] - by[b]["mean"], max(by[a]["std"], by[b]["std"])
+        if a in by and b in by and mean in by[a] and mean in by[b]:
+            gap, sd = by[a][mean] - by[b][mean], max(by[a][std], by[b][std])
             verdict = "yes" if gap > sd else "no"
             parts.append(f"{a} - {b} = {100 * gap:+.2f} points (larger std {100 * sd:.2f}): more than one std? "
                          f"{verdict}")
@@ -241,7 +286,12 @@ def write_markdown(path, rows, info):
             "Accuracy: the best epoch's, on the held-out split; ± is the sample standard deviation over the seeds. "
             "Pre-training FLOPs: model FLOPs (DESIGN.md) of the steps each objective completed in its budget. "
             "scratch: the same encoder and vocab, random init; lstm: embedding -> LSTM -> dense, the same vocab.", "",
-            ordering_line(rows), ""]
+            "On all held-out rows: " + ordering_line(rows), ""]
+    if all("unseen_mean" in r for r in rows):
+        text[-1:] = [f"Unseen rows: the {rows[0]['unseen_rows']} held-out rows whose sentence does not appear word for "
+                     "word inside any training row (the same best epoch, scored on them).", "",
+                     "On the unseen rows: " + ordering_line(rows, "unseen_"), ""]
+    Path(path).write_text("\n".join(text), encoding="utf-8")
     Path(path).write_text("\n".join(text), encoding="utf-8")
 
 
@@ -308,13 +358,14 @@ def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, mod
         return pretrain_stage(out, only, corpora, model, base_train, budget_minutes, progress, cache_dir)
     pretrained = {o: pretrain_stage(out, o, corpora, model, base_train, budget_minutes, progress, cache_dir)
                   for o in OBJECTIVES}
+    unseen_tsv = prepare_unseen(out)
     finetuned = []
     for kind in MODELS:
         # electra and mlm fine-tune their run's encoder; scratch and lstm take the electra run's vocab (and scratch its
         # config), so that all four read the same tokens
         init = out / f"pretrain-{'mlm' if kind == 'mlm' else 'electra'}"
         finetuned += [finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, base_train.seq_len, epochs, progress,
-                                     cache_dir) for seed in range(seeds)]
+                                     cache_dir, unseen_tsv) for seed in range(seeds)]
 
     rows = summarise(pretrained, finetuned)
     info = {"experiment": "electra-vs-mlm", "corpora": corpora, "budget_minutes": budget_minutes,

@@ -48,7 +48,7 @@ def test_experiment_runs_every_stage_and_writes_the_results(tmp_path, files, cap
             "--budget-minutes", "0.01", "--seeds", "2", "--epochs", "1", "--out", str(out), *TINY]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| model | accuracy (mean ± std) | pre-training FLOPs |" in printed and "written:" in printed
+    assert "| model | accuracy (mean ± std) | on unseen rows | pre-training FLOPs |" in printed and "written:" in printed
     for name in ("results.md", "results.png", "results.json", "data/train.tsv", "data/dev.tsv",
                  "pretrain-electra/stage.json", "pretrain-mlm/stage.json", "finetune/lstm-seed1/result.json"):
         assert (out / name).exists(), name
@@ -74,7 +74,11 @@ def test_experiment_runs_every_stage_and_writes_the_results(tmp_path, files, cap
     assert rows["scratch"]["pretrain_flops"] is None and rows["lstm"]["pretrain_flops"] is None
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 5 and "| lstm |" in md and "| scratch |" in md and "- | - | -" in md
-    assert "more than one std?" in md
+    assert "On all held-out rows: electra - mlm" in md and "On the unseen rows: electra - mlm" in md
+    unseen = (out / "data" / "dev-unseen.tsv").read_text().splitlines()[1:]
+    assert 0 < len(unseen) <= len(dev) and set(unseen) <= set(dev)
+    for name, r in rows.items():
+        assert r["unseen_rows"] == len(unseen) and 0.0 <= r["unseen_mean"] <= 1.0
 
     # a rerun skips every stage that finished; a third seed only adds its fine-tuning runs
     assert main([*argv[:10], "3", *argv[11:]]) == 0
@@ -121,3 +125,15 @@ def test_only_pretrains_one_objective_and_a_full_run_then_skips_both(tmp_path, f
     assert "pretrain electra: done before" in printed and "pretrain mlm: done before" in printed
     md = (out / "results.md").read_text()
     assert f"electra on {parallel.cores()} CPU core(s)" in md
+
+
+def test_unseen_rows_are_the_held_out_rows_not_inside_any_training_row(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("sentence\tlabel\na truly great movie\t1\nthe goods were bad\t0\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngreat movie\t1\ngood\t1\nthe goods\t0\nbad a truly\t0\n"
+                                    "a truly great movie\t1\n")
+    path = X.prepare_unseen(tmp_path)
+    # "great movie" and "the goods" sit inside training rows, word for word; "good" only inside a longer word, and
+    # "bad a truly" only across two training rows
+    assert path.read_text().splitlines() == ["sentence\tlabel", "good\t1", "bad a truly\t0"]
