@@ -39,7 +39,7 @@ from minielectra import classifier as clf
 from minielectra import config as cfgmod
 from minielectra import data as datamod
 from minielectra import lstm_classifier as lstm_clf
-from minielectra import backend
+from minielectra import backend, parallel
 from minielectra.backend import dispatch, get_xp, on_device
 from minielectra.optim import AdamWState, adamw_init, clip_scale, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
@@ -333,14 +333,15 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
     lengths = tr.attention_mask.sum(axis=1)
     steps_per_epoch = -(-n // tc.batch_size)
     total = epochs * steps_per_epoch
-    tc = dataclasses.replace(tc, steps=total, warmup_steps=int(round(warmup_fraction * total)))
+    shards, threads = parallel.plan(tc.shards, tc.batch_size, backend.array_module())
+    tc = dataclasses.replace(tc, steps=total, warmup_steps=int(round(warmup_fraction * total)), shards=shards)
     _log(f"data: {n} training and {len(dv.labels)} validation rows from {train_path}"
          f"{' and ' + str(dev_path) if dev_path else ' (held-out split)'}; labels {names}; "
          f"{'pairs' if rows.pairs is not None else 'single sentences'}, seq_len {tc.seq_len} "
          f"({time.perf_counter() - t0:.1f} s)")
     _log(f"model: {kind}, {'from ' + str(init) if pre_params is not None else 'random init'}, "
          f"{clf_params(params) / 1e6:.2f} M parameters, vocab {tok.vocab_size}; {epochs} epoch(s) x "
-         f"{steps_per_epoch} steps of batch {tc.batch_size}, lr {tc.learning_rate:g} (warmup {tc.warmup_steps} steps"
+         f"{steps_per_epoch} steps of batch {tc.batch_size} in {shards} shard(s) on {threads} thread(s), lr {tc.learning_rate:g} (warmup {tc.warmup_steps} steps"
          f"{', layer decay ' + str(layer_decay) if kind != 'lstm' else ''})")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -369,8 +370,9 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
                 rows_b = batches[b]
                 ids, mask, types = _trim(tr.input_ids[rows_b], tr.attention_mask[rows_b], tr.token_type_ids[rows_b])
                 labels = tr.labels[rows_b]
-                loss, logits, grads = _module(model).loss_and_grads(params, (ids, mask, types, labels), model,
-                                                                    num_labels, dropout_rng, train=True)
+                loss, logits, grads = parallel.classifier_loss_and_grads(
+                    _module(model), params, (ids, mask, types, labels), model, num_labels, dropout_rng, train=True,
+                    shards=shards, threads=threads)
                 norm, clip = clip_scale(grads, tc.max_grad_norm)
                 device = on_device(norm)
                 if not device:  # on the host the check is free, so a diverged step is caught before its update

@@ -10,6 +10,8 @@ The arithmetic is exact. Each objective's losses are means over the whole batch:
 positions, rtd_loss over its R real tokens. A shard with N_i picks contributes N_i / N of its own mean (its share),
 so the shares' sum is the whole batch's mean, and the whole batch's gradient is the sum of the shards' gradients, each
 taken with its share (the objective's `backward(..., shares)`). Metrics add up their numerators and denominators.
+Fine-tuning is simpler: the classification loss is a mean over the batch's rows, so a shard's share is its rows over
+the batch's, known before it runs (classifier_loss_and_grads).
 
 Randomness: shard i draws its masking, dropout and sampling from its own Generator, seeded from the step's rng. The
 numbers depend on the number of shards, never on how many threads run them, so a run is reproducible on any machine;
@@ -18,6 +20,8 @@ the trainer records its shard count in the run's config.
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from minielectra import backend
 from minielectra.electra import ratios
@@ -66,11 +70,10 @@ def split(batch, shards):
 
 
 def shard_rngs(rng, shards):
-    """One Generator per shard. A single shard draws from rng itself, so 1 shard is exactly the unsharded step."""
-    import numpy as np
-
-    if shards == 1:
-        return [rng]
+    """One Generator per shard. A single shard draws from rng itself, so 1 shard is exactly the unsharded step; no
+    rng (an evaluation step, which draws nothing) gives none to every shard."""
+    if shards == 1 or rng is None:
+        return [rng] * shards
     return [np.random.default_rng(s) for s in rng.integers(2**63, size=shards)]
 
 
@@ -106,11 +109,37 @@ def loss_and_grads(objective, params, batch, config, rng, train=True, shards=1, 
     outputs = _run(forward, shards, threads)
     losses, metrics, shares = combine(objective, outputs, config)
     per_shard = _run(lambda i: objective.backward(outputs[i], params, config, shares[i]), shards, threads)
-    grads = per_shard[0]
-    for g in per_shard[1:]:  # in shard order: the sum is the same whatever ran first
+    return losses, metrics, _sum(per_shard), outputs
+
+
+def classifier_loss_and_grads(module, params, batch, config, num_labels, rng, train=True, shards=1, threads=1):
+    """(loss, logits, grads) of one fine-tuning step of `module` (classifier or lstm_classifier) on batch =
+    (input_ids, attention_mask, token_type_ids, labels), split into `shards` shards (fewer when the batch has fewer
+    rows) on up to `threads` threads. The loss is a mean over the B rows, so shard i's share is B_i / B, known before
+    any shard runs: each thread runs its shard's forward and backward in one go."""
+    shards = min(shards, len(batch[0]))
+    if shards == 1:
+        return module.loss_and_grads(params, batch, config, num_labels, rng, train)
+    parts = split(batch, shards)
+    rngs = shard_rngs(rng, shards)
+
+    def step(i):
+        loss, logits, cache = module.forward(params, parts[i], config, num_labels, rngs[i], train)
+        share = len(parts[i][0]) / len(batch[0])
+        return share * loss, logits, module.backward(params, cache, cache.dlogits * cache.dlogits.dtype.type(share))
+
+    results = _run(step, shards, threads)
+    xp = backend.get_xp(results[0][1])
+    return sum(r[0] for r in results), xp.concatenate([r[1] for r in results]), _sum([r[2] for r in results])
+
+
+def _sum(grads_list):
+    """The shards' grads dicts added into the first, in shard order: the sum is the same whatever ran first."""
+    grads = grads_list[0]
+    for g in grads_list[1:]:
         for name in grads:
             grads[name] += g[name]
-    return losses, metrics, grads, outputs
+    return grads
 
 
 def _run(fn, n, threads):

@@ -173,16 +173,17 @@ def test_finetune_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_pa
     with fd.register(kernels=None) as device:
         monkeypatch.setattr(backend, "array_module", lambda: device)
         syncs = []
-        step_fn = K.loss_and_grads
+        step_fn = parallel.classifier_loss_and_grads
 
-        def counted(params, *args, **kw):
+        def counted(module, params, *args, **kw):
             assert all(fd.is_device(p) for p in params.values())
             syncs.append(fd.counts.syncs)
-            return step_fn(params, *args, **kw)
+            return step_fn(module, params, *args, **kw)
 
-        monkeypatch.setattr(K, "loss_and_grads", counted)
+        monkeypatch.setattr(parallel, "classifier_loss_and_grads", counted)
         dev_run = run("device")
     steps = host_run["history"][0]["step"]  # steps per epoch
+    assert len(syncs) == 2 * steps
     per_step = np.diff(syncs)[:steps - 1]  # the first epoch's steps 1 .. steps-1 (the last one also evaluates)
     for step, n in enumerate(per_step, start=1):
         assert n == (1 if step % tc.log_every == 0 else 0), f"step {step} read the device {n} times"

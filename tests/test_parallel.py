@@ -4,8 +4,10 @@ whole batch's loss; the numbers depend on the shard count, never on the thread c
 import numpy as np
 import pytest
 
+from minielectra import classifier as K
 from minielectra import electra as E
 from minielectra import gradcheck as gc
+from minielectra import lstm_classifier as L
 from minielectra import mlm as M
 from minielectra import parallel
 from minielectra.config import ElectraConfig
@@ -116,3 +118,52 @@ def test_a_shard_error_reaches_the_caller():
     ids[3, 2] = SMALL.vocab_size  # out of the vocab, in the second shard
     with pytest.raises(ValueError, match="input_ids must lie in"):
         parallel.loss_and_grads(E, params, (ids, mask), SMALL, np.random.default_rng(0), shards=2, threads=2)
+
+
+def _classifier_case(module, seed=0):
+    """(config, float64 params moved off their init, batch of 5 rows with a padded and an all-padding row, 3 labels)."""
+    if module is L:
+        config = L.LSTMConfig(vocab_size=SMALL.vocab_size, embedding_size=5, hidden_size=4, dropout=0.2)
+        params = L.init_classifier(config, 3, np.random.default_rng(seed), np.float64)
+    else:
+        config = ElectraConfig(**{**SMALL.__dict__, "hidden_dropout_prob": 0.2})
+        params = K.init_classifier(config, 3, np.random.default_rng(seed), dtype=np.float64)
+    rng = np.random.default_rng(seed + 1)
+    for k in params:
+        params[k] += rng.standard_normal(params[k].shape) * 0.3
+    ids, mask = all_padding_row(padded_batch(rng, 5, 9, SMALL.vocab_size), 4)
+    ids[4, 0], mask[4, 0] = 2, 1  # a [CLS] alone: the classifier reads the [CLS] position of every row
+    return config, params, (ids, mask, np.zeros_like(ids), rng.integers(0, 3, 5))
+
+
+@pytest.mark.parametrize("module", [K, L], ids=["transformer", "lstm"])
+@pytest.mark.parametrize("shards", [2, 3, 9])
+def test_sharded_classifier_gradient_check(module, shards):
+    """float64, dropout on: the summed shard gradients are the gradient of the combined mean loss; 9 shards of a
+    5-row batch run as 5 (one row each)."""
+    config, params, batch = _classifier_case(module)
+    loss, logits, grads = parallel.classifier_loss_and_grads(module, params, batch, config, 3,
+                                                             np.random.default_rng(4), shards=shards, threads=2)
+    assert logits.shape == (5, 3) and set(grads) == set(params)
+
+    def f():
+        return parallel.classifier_loss_and_grads(module, params, batch, config, 3, np.random.default_rng(4),
+                                                  shards=shards, threads=1)[0]
+
+    rows = [gc.check_backward(f, params[k], grads[k], k) for k in sorted(params)]
+    bad = [r for r in rows if not r.ok]
+    assert not bad, gc.format_table(bad)
+    assert all(r.rel_error < 1e-6 for r in rows if not r.name.endswith("key.bias"))
+
+
+@pytest.mark.parametrize("module", [K, L], ids=["transformer", "lstm"])
+def test_sharded_classifier_loss_is_the_batch_mean_without_dropout(module):
+    """Without dropout the shards draw nothing at random: the sharded step is the unsharded step, up to rounding."""
+    config, params, batch = _classifier_case(module)
+    ref_loss, ref_logits, ref_grads = module.loss_and_grads(params, batch, config, 3, None, train=False)
+    loss, logits, grads = parallel.classifier_loss_and_grads(module, params, batch, config, 3, None, train=False,
+                                                             shards=2, threads=2)
+    assert loss == pytest.approx(ref_loss, rel=1e-13)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-13)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-11, atol=1e-14, err_msg=k)
