@@ -22,6 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from minielectra import backend
 from minielectra.electra import ratios
@@ -52,8 +53,6 @@ def threads_busy(threads):
 
 def blas_threads():
     """The number of threads NumPy's BLAS uses."""
-    from threadpoolctl import threadpool_info
-
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     # torch ships BLAS libraries of its own once imported: count the one that came with NumPy.
     ours = [i for i in blas if "numpy" in i.get("filepath", "")] or blas
@@ -150,18 +149,12 @@ def _run(fn, n, threads):
     per_thread = max(1, cores() // threads)
 
     def task(i):
-        _numba_threads(per_thread)  # Numba's thread count is per calling thread
-        return fn(i)
+        if backend.active_backend() == "numba":
+            import numba
 
-    from threadpoolctl import threadpool_limits
+            numba.set_num_threads(min(per_thread, numba.config.NUMBA_NUM_THREADS))  # a per-thread setting
+        return fn(i)
 
     with threadpool_limits(per_thread, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         return list(pool.map(task, range(n)))
 
-
-def _numba_threads(n):
-    try:
-        import numba
-    except ImportError:
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
