@@ -277,7 +277,10 @@ small = ElectraConfig(vocab_size=23, embedding_size=6, hidden_size=8, num_hidden
 p64 = electra.init_model(small, np.random.default_rng(0), np.float64)
 ids = np.random.default_rng(1).integers(5, 23, (6, 9))
 ids[:, 0], ids[:, -1] = 2, 3
-batch6 = (ids, np.ones_like(ids))
+mask = np.ones_like(ids)
+ids[5, 4:], mask[5, 4:] = 0, 0  # the last sequence is short: [CLS] w w w [PAD]..., so the last shard has fewer picks
+ids[5, 3] = 3
+batch6 = (ids, mask)
 losses, _, grads, outs = parallel.loss_and_grads(electra, p64, batch6, small, np.random.default_rng(7), shards=3,
                                                  threads=2)
 picks = [o.counts["mlm_loss"] for o in outs]
