@@ -19,6 +19,8 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from minielectra.ops.activations import _TANH_C
+
 K_ULPS = 8
 
 DTYPES = st.sampled_from([np.float32, np.float64])
@@ -71,3 +73,26 @@ def padded_batch(config, B, T, real_in_last, seed=1):
     ids[-1, real_in_last:], mask[-1, real_in_last:] = config.pad_token_id, 0
     ids[-1, real_in_last - 1] = config.sep_token_id
     return ids, mask
+
+
+def gelu_floor(x, b, out_ref):
+    """The forward floor of GELU, h * 0.5 (1 + s) with h = x + b and s = erf(h / sqrt 2) or tanh(...): the running
+    error bound 0.5 |h| (1 + |s|) <= |h|. 1 + s cancels where s is near -1 (h below about -2), so a one-ulp difference
+    in s between two libraries' erf or tanh becomes an error of order |h| eps in a much smaller result; elementwise |h|,
+    at least max|out| (assert_close's default)."""
+    h = np.abs(x.astype(np.float64) + b.astype(np.float64))
+    return np.maximum(h, np.abs(out_ref.astype(np.float64)).max() if out_ref.size else 0.0)
+
+
+def gelu_backward_floor(dout, c_ref, approximate):
+    """The running error bound of GELU's dx (the rule above for results that cancel): the derivative evaluated on
+    absolute values. The tanh form's 0.5 (1 + s) + 0.5 h (1 - s^2) dinner cancels where s = tanh(...) is near -1, and
+    NumPy's tanh and the C library's (which Numba and the CUDA emulator call) may differ there by an ulp of s, which
+    the factor 0.5 |h| dinner (~15 at h = -6.6) magnifies. The exact form s + h phi(h) has no cancelling term: floor 0.
+    c_ref is the reference forward's cache."""
+    if not approximate:
+        return np.zeros(dout.shape)
+    h, s, _ = c_ref.gelu
+    h, s = h.astype(np.float64), s.astype(np.float64)
+    dinner = _TANH_C * (1.0 + 3 * 0.044715 * h * h)
+    return np.abs(dout) * (0.5 * (1.0 + np.abs(s)) + 0.5 * np.abs(h) * (1.0 + s * s) * dinner)

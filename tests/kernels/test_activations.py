@@ -9,7 +9,8 @@ pytest.importorskip("numba")
 
 from minielectra.ops import activations as ref  # noqa: E402
 from kernels.numba_cpu import activations as ker  # noqa: E402
-from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close, noncontiguous  # noqa: E402
+from numba_kernel_checks import (DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close,  # noqa: E402
+                                 gelu_backward_floor, gelu_floor, noncontiguous)
 
 pytestmark = pytest.mark.numba
 
@@ -35,26 +36,13 @@ def test_forward_and_backward_match_reference(seed, shape, dtype, mag, layout, a
     x, b, dout = _inputs(seed, shape, dtype, mag, layout)
     y_ref, c_ref = ref.bias_gelu_forward(x, b, approximate)
     y, c = ker.bias_gelu_forward(x, b, approximate)
-    assert_close(y, y_ref, name="out")
+    assert_close(y, y_ref, name="out", floor=gelu_floor(x, b, y_ref))
     dx_ref, db_ref = ref.bias_gelu_backward(dout, c_ref)
     dx, db = ker.bias_gelu_backward(dout, c)
-    floor = _backward_floor(dout, c_ref, approximate)
+    floor = gelu_backward_floor(dout, c_ref, approximate)
     assert_close(dx, dx_ref, name="dx", floor=np.maximum(floor, np.abs(dx_ref).max()))
     rows = tuple(range(dx_ref.ndim - 1))
     assert_close(db, db_ref, name="db", floor=np.maximum(floor.sum(axis=rows), np.abs(db_ref).max()))
-
-
-def _backward_floor(dout, c_ref, approximate):
-    """The running error bound of dx (numba_kernel_checks' rule for results that cancel): the derivative evaluated on
-    absolute values. The tanh form's 0.5 (1 + s) + 0.5 h (1 - s^2) dinner cancels where s = tanh(...) is near -1, and
-    NumPy's tanh and the C library's (which Numba calls) may differ there by an ulp of s, which the factor
-    0.5 |h| dinner (~15 at h = -6.6) magnifies. The exact form s + h phi(h) has no cancelling term: floor 0."""
-    if not approximate:
-        return np.zeros(dout.shape)
-    h, s, _ = c_ref.gelu
-    h, s = h.astype(np.float64), s.astype(np.float64)
-    dinner = ref._TANH_C * (1.0 + 3 * 0.044715 * h * h)
-    return np.abs(dout) * (0.5 * (1.0 + np.abs(s)) + 0.5 * np.abs(h) * (1.0 + s * s) * dinner)
 
 
 @pytest.mark.parametrize("approximate", [False, True])
