@@ -1,6 +1,10 @@
 """Helpers shared by the Numba CPU kernels: dtype resolution and the fixed chunking of race-free reductions."""
 
+import math
+
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 # Reductions over rows (dgamma, dbeta, db, loss sums) are split into at most this many chunks, each written by one
 # prange iteration into its own row of a (chunks, C) partial array and summed afterwards. A fixed count (not the thread
@@ -22,3 +26,50 @@ def as_2d(x, dtype):
 
 def n_chunks(n):
     return max(1, min(n, N_CHUNKS))
+
+
+def exp(x):
+    """e**x for a float32 or float64 scalar inside a kernel; see the overload below."""
+    return math.exp(x)
+
+
+# exp(x) = 2^k e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, in float64: a polynomial and a power of two built
+# from k's bits, all plain arithmetic, which LLVM turns into SIMD code. The C library's expf, which math.exp calls,
+# is a function call per element, so a loop around it runs one element at a time. Measured on 2 cores (tiny preset,
+# batch 32 x 128, `bench_ops`), math.exp -> this: attention forward + backward 9.0 -> 7.8 ms, bias + GELU 17.6 ->
+# 14.2 ms, softmax cross-entropy 8.9 -> 5.7 ms; the whole training step 1.17-1.23x -> 1.39x PyTorch's tokens/s. A loop
+# that also calls another C function (log1p in the sigmoid loss) stays one element at a time, and there math.exp is
+# the faster of the two. Accuracy: the
+# degree-8 Taylor polynomial's error on |r| <= 0.35 is below 2e-10, so the float32 result is e**x correctly rounded
+# but for ties (np.exp itself is within 1 ulp). Overflow and underflow come out as float32's: inf above 88.73, 0 below
+# -103.98. float64 inputs keep math.exp: this polynomial is not accurate to float64's last bit.
+_EXP_LO, _EXP_HI = -110.0, 89.0  # beyond these e**x is 0 or inf in float32; the clamp keeps 2^k finite in float64
+_LN2 = math.log(2.0)
+_INV_LN2 = 1.0 / _LN2
+_K_BIAS = 160  # k + _K_BIAS is in [1, 289]: nine bits, built with no negative powers
+_TWO_TO_MINUS_BIAS = 2.0 ** -_K_BIAS
+
+
+@overload(exp, inline="always", jit_options={"cache": True})
+def _exp_overload(x):
+    if x == types.float64:
+        return lambda x: math.exp(x)
+    if x != types.float32:
+        return None
+
+    def exp32(x):
+        v = min(max(np.float64(x), _EXP_LO), _EXP_HI)
+        k = math.floor(v * _INV_LN2 + 0.5)
+        r = v - k * _LN2
+        p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
+            1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320))))))))
+        e = np.int64(k) + _K_BIAS
+        scale = 1.0
+        power = 2.0
+        for bit in range(9):  # scale = 2^e, one squaring per bit of e
+            if (e >> bit) & 1:
+                scale *= power
+            power *= power
+        return np.float32(p * scale * _TWO_TO_MINUS_BIAS)
+
+    return exp32

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import as_2d, float_dtype, n_chunks
+from kernels.numba_cpu._common import as_2d, exp, float_dtype, n_chunks
 from minielectra.ops import checks
 from minielectra.ops.activations import BiasGeluCache
 
@@ -66,7 +66,7 @@ def _backward(dout, x, b, s, approximate, c, dx, pdb):
                     grad = half * (one + t) + half * h * (one - t * t) * dinner
                 else:
                     # exp(-h^2/2) underflows to 0 for |h| > ~38, where the derivative is exactly 0 or 1 anyway.
-                    grad = s[i, j] + h * inv_sqrt_2pi * math.exp(neg_half * h * h)
+                    grad = s[i, j] + h * inv_sqrt_2pi * exp(neg_half * h * h)
                 g = dout[i, j] * grad
                 dx[i, j] = g
                 pdb[ch, j] += g

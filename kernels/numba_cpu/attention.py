@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import float_dtype
+from kernels.numba_cpu._common import exp, float_dtype
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask
@@ -183,7 +183,7 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, out, rowmax, rowsum):
                     rowsum[bh, i] = zero
                     continue
                 for j in range(T):
-                    p[j] = np.exp(p[j] - m) if kb[j] else zero
+                    p[j] = exp(p[j] - m) if kb[j] else zero
                 tot = _row_sum(p, zero)
                 rowsum[bh, i] = tot
                 if use_drop:
@@ -235,7 +235,7 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
                     g[:] = zero
                     continue
                 for j in range(T):  # the forward's weights, by the forward's operations
-                    p[j] = np.exp(p[j] * scale - m) / tot if kb[j] else zero
+                    p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
                 if use_drop:
                     _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):  # from dropped = p * keep / (1 - p_drop)

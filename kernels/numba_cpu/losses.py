@@ -13,6 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from kernels.numba_cpu._common import exp
 from minielectra.ops.losses import as_weights, check_sigmoid_ce_args, check_softmax_ce_args
 
 
@@ -25,11 +26,11 @@ def _softmax_ce(logits, targets, w, denom, one, wlogp, dlogits):
         for j in range(1, V):
             if logits[i, j] > m:
                 m = logits[i, j]
+        for j in range(V):  # exp(x - max) parked in dlogits: the row stays in cache for the next passes
+            dlogits[i, j] = exp(logits[i, j] - m)
         s = zero
-        for j in range(V):  # exp(x - max) parked in dlogits: the row stays in cache for the last pass
-            e = math.exp(logits[i, j] - m)
-            dlogits[i, j] = e
-            s += e
+        for j in range(V):  # a loop of its own: the exp loop above runs in SIMD, a running sum cannot
+            s += dlogits[i, j]
         t = targets[i]
         wlogp[i] = w[i] * (logits[i, t] - m - math.log(s))
         c = w[i] / denom  # the reference's w / denom, in the logits' dtype
