@@ -288,7 +288,7 @@ def write_markdown(path, rows, info):
             "scratch: the same encoder and vocab, random init; lstm: embedding -> LSTM -> dense, the same vocab.", "",
             "On all held-out rows: " + ordering_line(rows), ""]
     if all("unseen_mean" in r for r in rows):
-        text[-1:] = [f"Unseen rows: the {rows[0]['unseen_rows']} held-out rows whose sentence does not appear word for "
+        text[-1:] = ["", f"Unseen rows: the {rows[0]['unseen_rows']} held-out rows whose sentence does not appear word for "
                      "word inside any training row (the same best epoch, scored on them).", "",
                      "On the unseen rows: " + ordering_line(rows, "unseen_"), ""]
     Path(path).write_text("\n".join(text), encoding="utf-8")
