@@ -13,8 +13,8 @@ The PyTorch step does what `bench.make_step`'s does, on the same fixed random ba
   the learning rate set from our schedule every step);
 - shared embeddings: the generator's `electra.embeddings` IS the discriminator's module (word, position, token type,
   LayerNorm), and the generator's LM head weight IS the word table, so one table gets all three gradients;
-- float32, train mode (dropout as the config says), eager execution, `torch.set_num_threads` = the threads our step keeps busy (its shards' threads
-  times the BLAS threads each runs with: parallel.threads_busy).
+- float32, train mode (dropout as the config says), eager execution, `torch.set_num_threads` = the threads our step
+  keeps busy (its shards' threads times the BLAS threads each runs with: parallel.threads_busy).
 
 Two differences that do not change the work done: torch's AdamW applies bias correction (ours, as ELECTRA's, does not),
 and HF initialises with a plain normal (ours: truncated normal). `attn_implementation` defaults to HF's own default,
@@ -204,7 +204,8 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
 
 
 def format_comparison(d):
-    ours = f"; ours splits each batch into {d['shards']} shards on {d['shard_threads']} threads" if d["shards"] > 1 else ""
+    ours = (f"; ours splits each batch into {d['shards']} shards on {d['shard_threads']} threads" if d["shards"] > 1
+            else "")
     rows = [
         f"vs PyTorch {d['torch_version']} + transformers {d['transformers_version']} on {d['device']}"
         f"{' with TF32 GEMMs' if d['tf32'] else ''} (attention: {d['attn_implementation']}), {d['threads']} threads "

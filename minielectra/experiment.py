@@ -8,9 +8,10 @@ masked. The experiment:
    dev.tsv. Every model and seed is fine-tuned on the same 90 % and scored on the same 10 %. With --corpus-from-data the
    training part's sentences (never the held-out ones) are added to the unlabelled pre-training text
    (OUT/data/unlabelled.txt), as the issue asks for SST-2's sentences next to the movie reviews.
-2. pre-training: `electra`, then `mlm` (or both at once, one process each with --only), each for the same wall-clock budget on the same corpus with the same encoder
-   and the same WordPiece vocab. A short calibration times each objective's step first, so that the learning-rate
-   schedule (warmup, then linear decay) is planned to end when the budget does; pretrain's max_minutes is the hard stop.
+2. pre-training: `electra`, then `mlm` (or both at once, one process each with --only), each for the same wall-clock
+   budget on the same corpus with the same encoder and the same WordPiece vocab. A short calibration times each
+   objective's step first, so that the learning-rate schedule (warmup, then linear decay) is planned to end when the
+   budget does; pretrain's max_minutes is the hard stop.
    Each run reports the model FLOPs it actually used: its steps x its step's FLOPs (bench.model_flops, mlm.model_flops).
 3. fine-tuning: electra, mlm, scratch (the same encoder, random init, the same vocab) and lstm (embedding -> LSTM ->
    dense, the same vocab), each with seeds 0 .. S-1 (the seed sets the head's init, dropout and the data order).
@@ -104,12 +105,12 @@ def prepare_unseen(out, reader=None):
     held-out rows can be answered by remembering a training row: accuracy on these is accuracy on new text."""
     folder = Path(out) / "data"
     path = folder / "dev-unseen.tsv"
+    if path.exists():
+        return path
     reader = reader or ft.task_reader(None)
     train_rows, dev_rows = (ft._read(folder / name, reader) for name in ("train.tsv", "dev.tsv"))
     if dev_rows.pairs is not None:
         return None
-    if path.exists():
-        return path
     # Each training row padded with spaces, one per line: " s " inside it is a match on word boundaries, and no match
     # can run across two rows, as the pattern holds no line break.
     seen = "\n".join(f" {_clean(t)} " for t in train_rows.texts)
@@ -288,8 +289,8 @@ def write_markdown(path, rows, info):
             "scratch: the same encoder and vocab, random init; lstm: embedding -> LSTM -> dense, the same vocab.", "",
             "On all held-out rows: " + ordering_line(rows), ""]
     if all("unseen_mean" in r for r in rows):
-        text[-1:] = ["", f"Unseen rows: the {rows[0]['unseen_rows']} held-out rows whose sentence does not appear word for "
-                     "word inside any training row (the same best epoch, scored on them).", "",
+        text[-1:] = ["", f"Unseen rows: the {rows[0]['unseen_rows']} held-out rows whose sentence does not appear word "
+                     "for word inside any training row (the same best epoch, scored on them).", "",
                      "On the unseen rows: " + ordering_line(rows, "unseen_"), ""]
     Path(path).write_text("\n".join(text), encoding="utf-8")
     Path(path).write_text("\n".join(text), encoding="utf-8")

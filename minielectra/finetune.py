@@ -341,7 +341,8 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
          f"({time.perf_counter() - t0:.1f} s)")
     _log(f"model: {kind}, {'from ' + str(init) if pre_params is not None else 'random init'}, "
          f"{clf_params(params) / 1e6:.2f} M parameters, vocab {tok.vocab_size}; {epochs} epoch(s) x "
-         f"{steps_per_epoch} steps of batch {tc.batch_size} in {shards} shard(s) on {threads} thread(s), lr {tc.learning_rate:g} (warmup {tc.warmup_steps} steps"
+         f"{steps_per_epoch} steps of batch {tc.batch_size} in {shards} shard(s) on {threads} thread(s), "
+         f"lr {tc.learning_rate:g} (warmup {tc.warmup_steps} steps"
          f"{', layer decay ' + str(layer_decay) if kind != 'lstm' else ''})")
 
     out.mkdir(parents=True, exist_ok=True)

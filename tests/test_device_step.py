@@ -38,6 +38,21 @@ def host(tree):
     return {k: fd.fakecupy.asnumpy(v) for k, v in tree.items()}
 
 
+def count_reads_before_each_step(monkeypatch, step_name):
+    """A list that gets the host-read count before each call of parallel.<step_name> (the trainers' step), whose
+    params must all be on the device; the differences are what each step cost."""
+    syncs = []
+    step_fn = getattr(parallel, step_name)
+
+    def counted(module, params, *args, **kw):
+        assert all(fd.is_device(p) for p in params.values())
+        syncs.append(fd.counts.syncs)
+        return step_fn(module, params, *args, **kw)
+
+    monkeypatch.setattr(parallel, step_name, counted)
+    return syncs
+
+
 def full_step(params, state, batch, rng, step):
     losses, metrics, grads = electra.loss_and_grads(params, batch, CONFIG, rng, train=True)
     norm, scale = clip_scale(grads, TC.max_grad_norm)
@@ -172,15 +187,7 @@ def test_finetune_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_pa
     host_run = run("host")
     with fd.register(kernels=None) as device:
         monkeypatch.setattr(backend, "array_module", lambda: device)
-        syncs = []
-        step_fn = parallel.classifier_loss_and_grads
-
-        def counted(module, params, *args, **kw):
-            assert all(fd.is_device(p) for p in params.values())
-            syncs.append(fd.counts.syncs)
-            return step_fn(module, params, *args, **kw)
-
-        monkeypatch.setattr(parallel, "classifier_loss_and_grads", counted)
+        syncs = count_reads_before_each_step(monkeypatch, "classifier_loss_and_grads")
         dev_run = run("device")
     steps = host_run["history"][0]["step"]  # steps per epoch
     assert len(syncs) == 2 * steps
@@ -222,16 +229,9 @@ def test_pretrain_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_pa
     host_run = pretrain(tmp_path, corpus, "host")
     with fd.register(kernels=None) as device:
         monkeypatch.setattr(backend, "array_module", lambda: device)
-        syncs = []  # host reads before each step, to find what each step cost
-        step_fn = parallel.loss_and_grads
-
-        def counted(objective, params, *args, **kw):
-            assert all(fd.is_device(p) for p in params.values())
-            syncs.append(fd.counts.syncs)
-            return step_fn(objective, params, *args, **kw)
-
-        monkeypatch.setattr(parallel, "loss_and_grads", counted)
+        syncs = count_reads_before_each_step(monkeypatch, "loss_and_grads")
         dev_run = pretrain(tmp_path, corpus, "device")
+    assert len(syncs) == PRETRAIN.steps
     per_step = np.diff(syncs)  # the host reads of steps 1 .. 7 (each counted up to the start of the next)
     for step, n in enumerate(per_step, start=1):
         if step == PRETRAIN.checkpoint_every:  # metrics, the evaluation, and the checkpoint's tensors

@@ -39,10 +39,10 @@ def exp(x):
 # batch 32 x 128, `bench_ops`), math.exp -> this: attention forward + backward 9.0 -> 7.8 ms, bias + GELU 17.6 ->
 # 14.2 ms, softmax cross-entropy 8.9 -> 5.7 ms; the whole training step 1.17-1.23x -> 1.39x PyTorch's tokens/s. A loop
 # that also calls another C function (log1p in the sigmoid loss) stays one element at a time, and there math.exp is
-# the faster of the two. Accuracy: the
-# degree-8 Taylor polynomial's error on |r| <= 0.35 is below 2e-10, so the float32 result is e**x correctly rounded
-# but for ties (np.exp itself is within 1 ulp). Overflow and underflow come out as float32's: inf above 88.73, 0 below
-# -103.98. float64 inputs keep math.exp: this polynomial is not accurate to float64's last bit.
+# the faster of the two. Accuracy: the degree-8 Taylor polynomial's error on |r| <= 0.35 is below 2e-10, so the
+# float32 result is within 0.503 ulp of e**x (measured over 6 M inputs; np.exp is within 2.4 ulp). Overflow and
+# underflow come out as float32's: inf above 88.73, 0 below -103.98. float64 inputs keep math.exp: this polynomial
+# is not accurate to float64's last bit.
 _EXP_LO, _EXP_HI = -110.0, 89.0  # beyond these e**x is 0 or inf in float32; the clamp keeps 2^k finite in float64
 _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
