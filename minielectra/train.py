@@ -170,10 +170,10 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
     t_start = time.perf_counter()
     bar = tqdm(total=end - start, initial=0, disable=not progress, dynamic_ncols=True, unit="step")
     deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
-    out_of_time = False
+    out_of_time = stopping = False
     with _StopFlag() as stop, open(out / "metrics.jsonl", "a") as log:
         step = start
-        while step < end and not stop.requested and not out_of_time:
+        while step < end and not stopping:
             batch = next(batches)
             losses, metrics, grads, _ = parallel.loss_and_grads(objective, params, batch, model, rng, train=True,
                                                                 shards=shards, threads=threads)
@@ -189,7 +189,11 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
             record["tokens_per_s"] = tokens / (time.perf_counter() - t_start)
             pending.append(record)
             out_of_time = deadline is not None and time.perf_counter() >= deadline
-            checkpoint_now = step % train.checkpoint_every == 0 or step == end or stop.requested or out_of_time
+            # Read the Ctrl-C flag once per step: a request that lands after this line (its handler may run between
+            # any two bytecodes) is seen by the next step, which saves; reading it again in the loop's test would
+            # end the loop without a checkpoint.
+            stopping = stop.requested or out_of_time
+            checkpoint_now = step % train.checkpoint_every == 0 or step == end or stopping
             if not device or step % train.log_every == 0 or step == end or checkpoint_now:
                 # A device run's losses, metrics and norms cross to the host here, the interval's all at once, and
                 # are checked before any checkpoint is written: a diverged step has updated the params in memory,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -125,6 +126,24 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path, corpus):
     assert "stopped at step 1 of 8" in train.summary_line(s)
     with pytest.raises(cfgmod.ConfigError, match="max_minutes must be positive"):
         run(tmp_path, corpus, "bad", max_minutes=0)
+
+
+def test_ctrl_c_late_in_a_step_still_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
+    # The Ctrl-C handler may run between any two bytecodes; here it runs inside the progress bar's update, after the
+    # step has decided whether to save. The next step must see the request and save before the loop ends.
+    class InterruptingBar(train.tqdm):
+        steps = 0  # counted here: a disabled bar does not count
+
+        def update(self, n=1):
+            super().update(n)
+            InterruptingBar.steps += n
+            if InterruptingBar.steps == 4:  # step 4 is not a checkpoint step (checkpoint_every=3)
+                signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train, "tqdm", InterruptingBar)
+    s = run(tmp_path, corpus, "ctrl-c")
+    saved = ckpt.load_checkpoint(tmp_path / "ctrl-c" / "checkpoint.safetensors")
+    assert s["step"] == saved.step == 5 and not s["finished"]
 
 
 def test_several_corpora_are_read_together(tmp_path, corpus):
