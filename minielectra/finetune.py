@@ -384,7 +384,8 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
                 norm_sum = norm_sum + norm
                 correct = correct + (logits.argmax(axis=1) == xp.asarray(labels)).sum()
                 seen += len(rows_b)
-                if not device or (b + 1) % tc.log_every == 0 or b + 1 == steps_per_epoch or stop.requested:
+                stopping = stop.requested  # read once: a device run must bring its sums to the host before it stops
+                if not device or (b + 1) % tc.log_every == 0 or b + 1 == steps_per_epoch or stopping:
                     # A device run's running sums cross to the host here, once per logging interval; a NaN anywhere
                     # in the interval makes its sum NaN. The best model on disk is never one saved after it.
                     sums = backend.host_values({"loss": loss_sum, "norm": norm_sum, "correct": correct})
@@ -393,7 +394,7 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
                     loss_sum, correct = sums["loss"], float(sums["correct"])
                     bar.set_postfix_str(f"loss {loss_sum / seen:.4f} accuracy {correct / seen:.4f}")
                 bar.update(1)
-                if stop.requested:
+                if stopping:
                     break
             bar.close()
             val = _evaluate_encoded(params, model, num_labels, dv)

@@ -1,7 +1,10 @@
-"""Shared by the model tests: a tiny config, a padded batch, a float64 model (test_electra.py, test_mlm.py), and a
-small text corpus for training runs (test_train.py, test_device_step.py)."""
+"""Shared by the model tests: a tiny config, a padded batch, a float64 model (test_electra.py, test_mlm.py), a small
+text corpus for training runs (test_train.py, test_device_step.py) and a progress bar that presses Ctrl-C."""
+
+import signal
 
 import numpy as np
+from tqdm import tqdm
 
 from minielectra.config import ElectraConfig
 
@@ -41,3 +44,18 @@ def write_corpus(path, docs=80, seed=0):
     text = "\n\n".join(" ".join(rng.choice(CORPUS_WORDS, size=rng.integers(20, 60))) + "." for _ in range(docs))
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def interrupting_bar(at):
+    """A tqdm whose update raises SIGINT once `at` steps are counted (over all its bars): a Ctrl-C that lands late in
+    a step, after the step's own checks of the stop flag. Its handler runs before update returns."""
+    count = [0]  # counted here: a disabled bar does not count
+
+    class InterruptingBar(tqdm):
+        def update(self, n=1):
+            super().update(n)
+            count[0] += n
+            if count[0] == at:
+                signal.raise_signal(signal.SIGINT)
+
+    return InterruptingBar

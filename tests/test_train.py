@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import signal
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
 from minielectra import electra, mlm, parallel, train
 from minielectra.config import ElectraConfig, TrainConfig
-from model_checks import write_corpus
+from model_checks import interrupting_bar, write_corpus
 
 MODEL = ElectraConfig(vocab_size=300, embedding_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=32, generator_hidden_size=8, generator_num_attention_heads=1,
@@ -131,16 +130,7 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path, corpus):
 def test_ctrl_c_late_in_a_step_still_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
     # The Ctrl-C handler may run between any two bytecodes; here it runs inside the progress bar's update, after the
     # step has decided whether to save. The next step must see the request and save before the loop ends.
-    class InterruptingBar(train.tqdm):
-        steps = 0  # counted here: a disabled bar does not count
-
-        def update(self, n=1):
-            super().update(n)
-            InterruptingBar.steps += n
-            if InterruptingBar.steps == 4:  # step 4 is not a checkpoint step (checkpoint_every=3)
-                signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(train, "tqdm", InterruptingBar)
+    monkeypatch.setattr(train, "tqdm", interrupting_bar(at=4))  # step 4 is not a checkpoint step (every 3)
     s = run(tmp_path, corpus, "ctrl-c")
     saved = ckpt.load_checkpoint(tmp_path / "ctrl-c" / "checkpoint.safetensors")
     assert s["step"] == saved.step == 5 and not s["finished"]
