@@ -3,7 +3,7 @@
 import math
 
 import numpy as np
-from numba import types
+from numba import njit, types
 from numba.extending import overload
 
 # Reductions over rows (dgamma, dbeta, db, loss sums) are split into at most this many chunks, each written by one
@@ -50,26 +50,29 @@ _K_BIAS = 160  # k + _K_BIAS is in [1, 289]: nine bits, built with no negative p
 _TWO_TO_MINUS_BIAS = 2.0 ** -_K_BIAS
 
 
+@njit(cache=True, inline="always")
+def exp_for_float32(x):
+    """e**x of a float64 x by the method above, as a float64 within 2e-10 of it: accurate enough to round to float32,
+    not to be a float64 result. x is clamped to [-110, 89], outside of which float32's e**x is 0 or inf."""
+    v = min(max(x, _EXP_LO), _EXP_HI)
+    k = math.floor(v * _INV_LN2 + 0.5)
+    r = v - k * _LN2
+    p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
+        1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320))))))))
+    e = np.int64(k) + _K_BIAS
+    scale = 1.0
+    power = 2.0
+    for bit in range(9):  # scale = 2^e, one squaring per bit of e
+        if (e >> bit) & 1:
+            scale *= power
+        power *= power
+    return p * scale * _TWO_TO_MINUS_BIAS
+
+
 @overload(exp, inline="always", jit_options={"cache": True})
 def _exp_overload(x):
     if x == types.float64:
         return lambda x: math.exp(x)
     if x != types.float32:
         return None
-
-    def exp32(x):
-        v = min(max(np.float64(x), _EXP_LO), _EXP_HI)
-        k = math.floor(v * _INV_LN2 + 0.5)
-        r = v - k * _LN2
-        p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
-            1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320))))))))
-        e = np.int64(k) + _K_BIAS
-        scale = 1.0
-        power = 2.0
-        for bit in range(9):  # scale = 2^e, one squaring per bit of e
-            if (e >> bit) & 1:
-                scale *= power
-            power *= power
-        return np.float32(p * scale * _TWO_TO_MINUS_BIAS)
-
-    return exp32
+    return lambda x: np.float32(exp_for_float32(np.float64(x)))

@@ -1,0 +1,70 @@
+"""The float32 special functions the Numba kernels compute in plain arithmetic (SIMD) instead of calling the C library:
+_common.exp and activations.normal_cdf, each against float64 truth over a dense grid, in ulps of the float32 result."""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from numba import njit  # noqa: E402
+from scipy.special import ndtr  # noqa: E402
+
+from kernels.numba_cpu._common import exp  # noqa: E402
+from kernels.numba_cpu.activations import normal_cdf  # noqa: E402
+
+pytestmark = pytest.mark.numba
+
+
+@njit
+def _exp_each(x, out):
+    for i in range(x.size):
+        out[i] = exp(x[i])
+
+
+@njit
+def _normal_cdf_each(x, out):
+    for i in range(x.size):
+        out[i] = normal_cdf(x[i])
+
+
+def _apply(fn, x):
+    out = np.empty_like(x)
+    fn(x, out)
+    return out
+
+
+def ulps_off(got, exact):
+    """|got - exact| in units of the float32 spacing at exact (the smallest subnormal's below float32's normal range)."""
+    exact32 = np.abs(exact).astype(np.float32)
+    spacing = np.where(np.abs(exact) < np.finfo(np.float32).tiny, 2.0**-149,
+                       np.spacing(exact32).astype(np.float64))
+    return np.abs(got.astype(np.float64) - exact) / spacing
+
+
+def test_exp_float32_is_within_half_an_ulp_and_over_and_underflows_like_float32():
+    x = np.linspace(-103.9, 88.7, 2_000_001, dtype=np.float32)
+    assert ulps_off(_apply(_exp_each, x), np.exp(x.astype(np.float64))).max() <= 0.504
+    edges = np.array([-np.inf, -1000.0, -110.0, -104.0, 88.8, 89.5, 1000.0, np.inf, 0.0], np.float32)
+    assert _apply(_exp_each, edges).tolist() == [0.0, 0.0, 0.0, 0.0, np.inf, np.inf, np.inf, np.inf, 1.0]
+
+
+def test_exp_float64_is_the_c_library_exp():
+    x = np.array([-745.0, -1.5, 0.0, 1e-300, 2.5, 709.0])
+    assert _apply(_exp_each, x).tolist() == [math.exp(v) for v in x]
+
+
+def test_normal_cdf_float32_is_within_half_an_ulp_where_float32_erf_cancels():
+    # Down to h = -14, where Phi leaves float32's subnormals; 1 + erf(h / sqrt 2) in float32 is off by up to 2^24 ulps
+    # of Phi below h = -3 (the reference's float32 Phi), which is why the kernel computes the tail.
+    h = np.linspace(-14.5, 9.0, 3_000_001, dtype=np.float32)
+    exact = ndtr(h.astype(np.float64))
+    assert ulps_off(_apply(_normal_cdf_each, h), exact).max() <= 0.504
+    edges = np.array([-np.inf, -1000.0, -15.0, 0.0, 6.0, 1000.0, np.inf], np.float32)
+    assert _apply(_normal_cdf_each, edges).tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_normal_cdf_float64_is_the_reference_formula():
+    h = np.array([-40.0, -3.7, -0.2, 0.0, 1.3, 8.0])
+    assert _apply(_normal_cdf_each, h).tolist() == [0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in h]
