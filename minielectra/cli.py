@@ -87,7 +87,8 @@ def cmd_experiment(args):
     model, tc = _configs(args)
     result = experiment.run(args.out, args.corpus, args.data, args.budget_minutes, seeds=args.seeds,
                             corpus_from_data=args.corpus_from_data, model=model, train=tc, epochs=args.epochs,
-                            max_rows=args.max_rows, config_name=args.config, only=args.only)
+                            max_rows=args.max_rows, only=args.only,
+                            config_name=" ".join([args.config, *(f"--set {s}" for s in args.set or [])]))
     if args.only:
         print(f"pre-trained {args.only}: {result['steps']} steps in {result['minutes']:.1f} min; run again without "
               "--only once every objective is done")

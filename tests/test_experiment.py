@@ -75,6 +75,7 @@ def test_experiment_runs_every_stage_and_writes_the_results(tmp_path, files, cap
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 5 and "| lstm |" in md and "| scratch |" in md and "- | - | -" in md
     assert "On all held-out rows: electra - mlm" in md and "On the unseen rows: electra - mlm" in md
+    assert "config tiny --set vocab_size=120 --set embedding_size=16" in md  # the overrides name the config too
     unseen = (out / "data" / "dev-unseen.tsv").read_text().splitlines()[1:]
     assert 0 < len(unseen) <= len(dev) and set(unseen) <= set(dev)
     for name, r in rows.items():
