@@ -30,8 +30,8 @@ def normal_cdf(h):
 
 
 # For float32, Phi in float64 plain arithmetic, rounded once: LLVM turns it into SIMD code, where math.erf is a C call
-# per element (8.4 ms of the 8.5 a GELU pass over 16 x 128 x 512 floats took on one core). With a = |h| / sqrt 2 and
-# the tail Phi(-|h|) = erfc(a) / 2:
+# per element (on one core a GELU pass over 16 x 128 x 512 floats takes 8.4 ms with math.erf, 0.1 ms with no erf, and
+# 2.1 ms with this). With a = |h| / sqrt 2 and the tail Phi(-|h|) = erfc(a) / 2:
 # - a < 1: erfc(a) = 1 - a P(a^2);
 # - a >= 1: erfc(a) = e^(-a^2) R(u), u = 3.9 t - 1.6 in [-1, 1] for t = 1 / (1 + a / 2) (Numerical Recipes' variable)
 #   and a in [1, 11]; beyond 11 erfc(a) / 2 < 1e-53, which is 0 in float32.
@@ -86,9 +86,9 @@ class BiasGeluKernelCache(NamedTuple):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _forward(x, b, approximate, c, out, s):
-    # c: 0.5, 1, sqrt 2, sqrt(2/pi), 0.044715 in the input dtype
+    # c: _consts(x.dtype)
     N, F = x.shape
-    half, one, tanh_c, cubic = c[0], c[1], c[3], c[4]
+    half, one, tanh_c, cubic = c[0], c[1], c[2], c[3]
     for i in prange(N):
         if approximate:
             for j in range(F):
@@ -106,9 +106,9 @@ def _forward(x, b, approximate, c, out, s):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _backward(dout, x, b, s, approximate, c, dx, pdb):
-    # c: 0.5, 1, sqrt 2, sqrt(2/pi), 0.044715, 1/sqrt(2 pi), -0.5, 3 * 0.044715 in the input dtype
+    # c: _consts(x.dtype)
     N, F = x.shape
-    half, one, tanh_c, inv_sqrt_2pi, neg_half, cubic3 = c[0], c[1], c[3], c[5], c[6], c[7]
+    half, one, tanh_c, inv_sqrt_2pi, neg_half, cubic3 = c[0], c[1], c[2], c[4], c[5], c[6]
     chunks = pdb.shape[0]
     for ch in prange(chunks):
         for i in range(ch * N // chunks, (ch + 1) * N // chunks):
@@ -127,7 +127,8 @@ def _backward(dout, x, b, s, approximate, c, dx, pdb):
 
 
 def _consts(dt):
-    return np.array([0.5, 1.0, _SQRT_2, _TANH_C, _CUBIC, _INV_SQRT_2PI, -0.5, 3 * _CUBIC], dtype=dt)
+    """The kernels' constants in the input dtype, so float32 arithmetic stays float32."""
+    return np.array([0.5, 1.0, _TANH_C, _CUBIC, _INV_SQRT_2PI, -0.5, 3 * _CUBIC], dtype=dt)
 
 
 def bias_gelu_forward(x, b, approximate=False):
