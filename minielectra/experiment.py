@@ -293,7 +293,6 @@ def write_markdown(path, rows, info):
                      "for word inside any training row (the same best epoch, scored on them).", "",
                      "On the unseen rows: " + ordering_line(rows, "unseen_"), ""]
     Path(path).write_text("\n".join(text), encoding="utf-8")
-    Path(path).write_text("\n".join(text), encoding="utf-8")
 
 
 def plot_results(path, rows, title):

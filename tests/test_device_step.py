@@ -9,7 +9,6 @@ where the CUDA launchers run the .cu kernels on the CPU emulator on device array
 """
 
 import dataclasses
-import functools
 import shutil
 import numpy as np
 import pytest
@@ -171,8 +170,12 @@ def test_classifier_fine_tuning_step_on_the_device(device):
         np.testing.assert_array_equal(device.asnumpy(dparams[k]), params[k], err_msg=k)
 
 
+FINETUNE_LOG_EVERY = 2
+
+
 def finetune_run(tmp_path, name):
-    """Two epochs of fine-tuning a random-init classifier on 48 generated sentiment rows, logging every 2 steps."""
+    """Two epochs of fine-tuning a random-init classifier on 48 generated sentiment rows (written on the first call),
+    logging every FINETUNE_LOG_EVERY steps."""
     data = tmp_path / "train.tsv"
     if not data.exists():
         rng = np.random.default_rng(0)
@@ -181,30 +184,28 @@ def finetune_run(tmp_path, name):
             for y in rng.integers(0, 2, 48)]
         data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     model = dataclasses.replace(CONFIG, vocab_size=200)
-    tc = dataclasses.replace(PRETRAIN, batch_size=8, log_every=2, learning_rate=1e-3)
+    tc = dataclasses.replace(PRETRAIN, batch_size=8, log_every=FINETUNE_LOG_EVERY, learning_rate=1e-3)
     return finetune.finetune(tmp_path / name, data=data, model=model, train=tc, epochs=2, progress=False,
                              cache_dir=tmp_path / "cache", kind="scratch")
 
 
 def test_finetune_on_the_device_matches_numpy_and_reads_only_at_log_steps(tmp_path, monkeypatch):
-    run = functools.partial(finetune_run, tmp_path)
-    host_run = run("host")
+    host_run = finetune_run(tmp_path, "host")
     with fd.register(kernels=None) as device:
         monkeypatch.setattr(backend, "array_module", lambda: device)
         syncs = count_reads_before_each_step(monkeypatch, "classifier_loss_and_grads")
-        dev_run = run("device")
+        dev_run = finetune_run(tmp_path, "device")
     steps = host_run["history"][0]["step"]  # steps per epoch
     assert len(syncs) == 2 * steps
     per_step = np.diff(syncs)[:steps - 1]  # the first epoch's steps 1 .. steps-1 (the last one also evaluates)
     for step, n in enumerate(per_step, start=1):
-        assert n == (1 if step % 2 == 0 else 0), f"step {step} read the device {n} times"
+        assert n == (1 if step % FINETUNE_LOG_EVERY == 0 else 0), f"step {step} read the device {n} times"
     drop = ("seconds",)
     assert ([{k: v for k, v in r.items() if k not in drop} for r in dev_run["history"]]
             == [{k: v for k, v in r.items() if k not in drop} for r in host_run["history"]])
     a, b = ckpt.load_params(host_run["model"]), ckpt.load_params(dev_run["model"])
     for k in a[0]:
         np.testing.assert_array_equal(b[0][k], a[0][k], err_msg=k)
-
 
 
 def test_ctrl_c_in_device_fine_tuning_brings_the_sums_to_the_host_before_it_stops(tmp_path, monkeypatch):
@@ -214,6 +215,7 @@ def test_ctrl_c_in_device_fine_tuning_brings_the_sums_to_the_host_before_it_stop
         run = finetune_run(tmp_path, "device")
     assert [r["epoch"] for r in run["history"]] == [1] and run["history"][0]["step"] == 4
     assert isinstance(run["history"][0]["loss"], float) and run["best"] is run["history"][0]
+
 
 # ---- train.pretrain on the device ---------------------------------------------------------------------------------
 
