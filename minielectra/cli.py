@@ -87,7 +87,7 @@ def cmd_experiment(args):
     model, tc = _configs(args)
     result = experiment.run(args.out, args.corpus, args.data, args.budget_minutes, seeds=args.seeds,
                             corpus_from_data=args.corpus_from_data, model=model, train=tc, epochs=args.epochs,
-                            max_rows=args.max_rows, only=args.only,
+                            max_rows=args.max_rows, only=args.only, finetune_lr=args.finetune_lr,
                             config_name=" ".join([args.config, *(f"--set {s}" for s in args.set or [])]))
     if args.only:
         print(f"pre-trained {args.only}: {result['steps']} steps in {result['minutes']:.1f} min; run again without "
@@ -332,6 +332,9 @@ def build_parser():
     p.add_argument("--budget-minutes", type=float, required=True, help="pre-training wall-clock minutes per objective")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model (0 .. N-1)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="one fine-tuning peak learning rate for all four models (default: each model's finetune "
+                        "default, 3e-4 for the encoders as ELECTRA-Small, 1e-3 for the lstm)")
     p.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of --data")
     p.add_argument("--out", default="runs/experiment",
                    help="folder for the runs and results.md / results.png; a rerun skips the finished stages")

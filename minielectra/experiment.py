@@ -14,7 +14,8 @@ masked. The experiment:
    budget does; pretrain's max_minutes is the hard stop.
    Each run reports the model FLOPs it actually used: its steps x its step's FLOPs (bench.model_flops, mlm.model_flops).
 3. fine-tuning: electra, mlm, scratch (the same encoder, random init, the same vocab) and lstm (embedding -> LSTM ->
-   dense, the same vocab), each with seeds 0 .. S-1 (the seed sets the head's init, dropout and the data order).
+   dense, the same vocab), each with seeds 0 .. S-1 (the seed sets the head's init, dropout and the data order),
+   the same epochs and (with --finetune-lr) one peak learning rate for all four.
 4. OUT/results.md (the table), OUT/results.png (mean accuracy, standard-deviation error bars), OUT/results.json.
 
 Accuracy is the best epoch's accuracy on the held-out 10 % (finetune keeps the best epoch, as GLUE dev results are
@@ -187,9 +188,10 @@ def pretrain_stage(out, objective, corpora, model, base_train, budget_minutes, p
 
 
 def finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, seq_len, epochs, progress=True, cache_dir=None,
-                   unseen_tsv=None):
+                   unseen_tsv=None, lr=None):
     """Fine-tune one model with one seed into OUT/finetune/<kind>-seed<seed>; its record (from result.json if done).
-    The kept (best) epoch is also scored on unseen_tsv, when given (see prepare_unseen)."""
+    The kept (best) epoch is also scored on unseen_tsv, when given (see prepare_unseen). lr: the peak learning rate,
+    None for finetune's default for the kind."""
     folder = Path(out) / "finetune" / f"{kind}-seed{seed}"
     record_path = folder / "result.json"
     if record_path.exists():
@@ -197,10 +199,11 @@ def finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, seq_len, epochs, p
         _log(f"finetune {kind} seed {seed}: done before (accuracy {100 * record['accuracy']:.2f} %), skipped")
         return record
     _, base = cfgmod.preset("tiny")
-    tc = dataclasses.replace(base, learning_rate=ft.DEFAULT_LR[kind], batch_size=32, seq_len=seq_len, seed=seed)
+    lr = ft.DEFAULT_LR[kind] if lr is None else lr
+    tc = dataclasses.replace(base, learning_rate=lr, batch_size=32, seq_len=seq_len, seed=seed)
     s = ft.finetune(folder, data=train_tsv, dev=dev_tsv, init=init, train=tc, epochs=epochs, kind=kind,
                     progress=progress, cache_dir=cache_dir)
-    record = {"model": kind, "seed": seed, "accuracy": s["best"]["val_accuracy"], "epoch": s["best"]["epoch"],
+    record = {"model": kind, "seed": seed, "lr": lr, "accuracy": s["best"]["val_accuracy"], "epoch": s["best"]["epoch"],
               "last_accuracy": s["history"][-1]["val_accuracy"], "minutes": s["seconds"] / 60.0,
               "train_rows": s["train_rows"], "val_rows": s["val_rows"]}
     if unseen_tsv is not None:
@@ -282,7 +285,8 @@ def write_markdown(path, rows, info):
             f"Pre-training: {', '.join(info['corpora'])}; {info['budget_minutes']:g} minutes per objective "
             f"({'; '.join(f'{o} on {m}' for o, m in info['pretrain_machines'].items())}), config {info['config']}.",
             f"Fine-tuning: {info['data']} ({info['train_rows']} training rows; accuracy on {info['val_rows']} "
-            f"held-out rows, a fixed 10 % split), {info['epochs']} epoch(s), seeds {info['seeds']}.", "",
+            f"held-out rows, a fixed 10 % split), {info['epochs']} epoch(s), peak learning rate {_lr_text(info)}, "
+            f"seeds {info['seeds']}.", "",
             format_table(rows), "",
             "Accuracy: the best epoch's, on the held-out split; ± is the sample standard deviation over the seeds. "
             "Pre-training FLOPs: model FLOPs (DESIGN.md) of the steps each objective completed in its budget. "
@@ -293,6 +297,13 @@ def write_markdown(path, rows, info):
                      "for word inside any training row (the same best epoch, scored on them).", "",
                      "On the unseen rows: " + ordering_line(rows, "unseen_"), ""]
     Path(path).write_text("\n".join(text), encoding="utf-8")
+
+
+def _lr_text(info):
+    lr = info["finetune_lr"]
+    if lr is not None:
+        return f"{lr:g} for every model"
+    return ", ".join(f"{ft.DEFAULT_LR[m]:g} ({m})" for m in MODELS)
 
 
 def plot_results(path, rows, title):
@@ -323,8 +334,11 @@ def plot_results(path, rows, title):
 
 
 def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, model=None, train=None, epochs=3,
-        max_rows=None, config_name="tiny", progress=True, cache_dir=None, only=None):
+        max_rows=None, config_name="tiny", progress=True, cache_dir=None, only=None, finetune_lr=None):
     """Run (or continue) the experiment into `out`; returns (rows, markdown path, png path).
+
+    finetune_lr: one peak learning rate for fine-tuning all four models; None: each model's finetune default
+    (ELECTRA-Small's 3e-4 for the encoders, 1e-3 for the lstm).
 
     only: an objective ("electra" or "mlm"): prepare the data, pre-train that objective alone and return its stage
     record. Two processes, one per objective, pre-train both at the same time (on a machine with the cores for it);
@@ -336,6 +350,8 @@ def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, mod
         raise cfgmod.ConfigError(f"--budget-minutes must be positive, got {budget_minutes}")
     if seeds < 1 or epochs < 1:
         raise cfgmod.ConfigError(f"--seeds and --epochs must be at least 1, got {seeds} and {epochs}")
+    if finetune_lr is not None and not finetune_lr > 0:
+        raise cfgmod.ConfigError(f"--finetune-lr must be positive, got {finetune_lr}")
     corpora = [str(c) for c in corpora or []]
     if not corpora and not corpus_from_data:
         raise cfgmod.ConfigError("no pre-training text: give --corpus PATH (repeatable) and/or --corpus-from-data")
@@ -345,6 +361,7 @@ def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, mod
     out = Path(out)
     _check_settings(out, {"corpora": corpora, "corpus_from_data": corpus_from_data, "data": str(data),
                           "max_rows": max_rows, "budget_minutes": budget_minutes, "epochs": epochs,
+                          "finetune_lr": finetune_lr,
                           "config": json.loads(cfgmod.to_json(model, base_train))})
     t0 = time.perf_counter()
 
@@ -365,13 +382,14 @@ def run(out, corpora, data, budget_minutes, seeds=3, corpus_from_data=False, mod
         # config), so that all four read the same tokens
         init = out / f"pretrain-{'mlm' if kind == 'mlm' else 'electra'}"
         finetuned += [finetune_stage(out, kind, seed, train_tsv, dev_tsv, init, base_train.seq_len, epochs, progress,
-                                     cache_dir, unseen_tsv) for seed in range(seeds)]
+                                     cache_dir, unseen_tsv, finetune_lr) for seed in range(seeds)]
 
     rows = summarise(pretrained, finetuned)
     info = {"experiment": "electra-vs-mlm", "corpora": corpora, "budget_minutes": budget_minutes,
             "machine": _machine(), "pretrain_machines": {o: r["machine"] for o, r in pretrained.items()},
             "config": config_name, "data": str(data), "train_rows": finetuned[0]["train_rows"],
-            "val_rows": finetuned[0]["val_rows"], "epochs": epochs, "seeds": f"0..{seeds - 1}"}
+            "val_rows": finetuned[0]["val_rows"], "epochs": epochs, "seeds": f"0..{seeds - 1}",
+            "finetune_lr": finetune_lr}
     md = out / "results.md"
     write_markdown(md, rows, info)
     png = plot_results(out / "results.png", rows, f"after {budget_minutes:g} min of pre-training per objective")

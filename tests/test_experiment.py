@@ -76,6 +76,9 @@ def test_experiment_runs_every_stage_and_writes_the_results(tmp_path, files, cap
     assert md.count("\n| ") == 5 and "| lstm |" in md and "| scratch |" in md and "- | - | -" in md
     assert "On all held-out rows: electra - mlm" in md and "On the unseen rows: electra - mlm" in md
     assert "config tiny --set vocab_size=120 --set embedding_size=16" in md  # the overrides name the config too
+    assert "peak learning rate 0.0003 (electra), 0.0003 (mlm), 0.0003 (scratch), 0.001 (lstm)" in md
+    assert {r["model"]: r["lr"] for r in results["finetune"]} == {"electra": 3e-4, "mlm": 3e-4, "scratch": 3e-4,
+                                                                  "lstm": 1e-3}
     unseen = (out / "data" / "dev-unseen.tsv").read_text().splitlines()[1:]
     assert 0 < len(unseen) <= len(dev) and set(unseen) <= set(dev)
     for name, r in rows.items():
@@ -101,6 +104,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, files, capsys):
     assert "--budget-minutes must be positive" in capsys.readouterr().err
     assert main([*base, "--corpus", str(corpus), "--budget-minutes", "1", "--seeds", "0"]) == 2
     assert "--seeds and --epochs must be at least 1" in capsys.readouterr().err
+    assert main([*base, "--corpus", str(corpus), "--budget-minutes", "1", "--finetune-lr", "0"]) == 2
+    assert "--finetune-lr must be positive, got 0.0" in capsys.readouterr().err
 
 
 def test_plan_fills_the_budget_with_the_presets_warmup_share():
@@ -115,7 +120,7 @@ def test_only_pretrains_one_objective_and_a_full_run_then_skips_both(tmp_path, f
     data, corpus = files
     out = tmp_path / "exp"
     argv = ["experiment", "electra-vs-mlm", "--corpus", str(corpus), "--data", str(data), "--budget-minutes", "0.01",
-            "--seeds", "1", "--epochs", "1", "--out", str(out), *TINY]
+            "--seeds", "1", "--epochs", "1", "--finetune-lr", "2e-3", "--out", str(out), *TINY]
     for objective in ("electra", "mlm"):
         assert main([*argv, "--only", objective]) == 0
         assert f"pre-trained {objective}:" in capsys.readouterr().out
@@ -126,6 +131,8 @@ def test_only_pretrains_one_objective_and_a_full_run_then_skips_both(tmp_path, f
     assert "pretrain electra: done before" in printed and "pretrain mlm: done before" in printed
     md = (out / "results.md").read_text()
     assert f"electra on {parallel.cores()} CPU core(s)" in md
+    assert "peak learning rate 0.002 for every model" in md
+    assert [r["lr"] for r in json.loads((out / "results.json").read_text())["finetune"]] == [2e-3] * 4
 
 
 def test_unseen_rows_are_the_held_out_rows_not_inside_any_training_row(tmp_path):
