@@ -120,10 +120,30 @@ def tf32_enabled():
 
 
 def describe():
-    """The backend line runs print first: the backend, its kernels, and on the GPU whether GEMMs use TF32."""
+    """The backend line runs print first: the backend, its kernels, and what runs the GEMMs: on the host NumPy's BLAS
+    and its kernels (blas_library), on the GPU whether cuBLAS uses TF32."""
     name = active_backend()
     line = f"backend: {name}" + (f" (kernels: {', '.join(kernel_names())})" if name != "numpy" else "")
-    return line + (f"; TF32 GEMMs {'on' if tf32_enabled() else 'off'}" if name == "cupy" else "")
+    if name == "cupy":
+        return line + f"; TF32 GEMMs {'on' if tf32_enabled() else 'off'}"
+    blas = blas_library()
+    return line + (f"; BLAS: {blas}" if blas else "")
+
+
+def blas_library():
+    """'OpenBLAS 0.3.31, SkylakeX kernels': the BLAS NumPy's matmul calls and the kernels it chose for this CPU (its
+    GEMM rate depends on them: AVX-512 kernels run about twice as fast as AVX2 ones where the CPU has both, and
+    OPENBLAS_CORETYPE in the environment overrides the choice), or '' when threadpoolctl sees no BLAS. Of the BLAS
+    libraries loaded (SciPy and torch bring their own), NumPy's is the one under a "numpy" path."""
+    from threadpoolctl import threadpool_info
+
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    ours = [i for i in blas if "numpy" in i.get("filepath", "")] or blas
+    if not ours:
+        return ""
+    name = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(ours[0]["internal_api"], ours[0]["internal_api"])
+    arch = ours[0].get("architecture")
+    return f"{name} {ours[0]['version']}" + (f", {arch} kernels" if arch else "")
 
 
 def synchronize(xp):

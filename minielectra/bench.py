@@ -140,6 +140,7 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
         "backend": backend.active_backend(),
         "tf32": backend.tf32_enabled(),
         "kernels": backend.kernel_names(),
+        "blas": backend.blas_library(),
         "batch": batch_size, "seq": seq_len, **plan,
         "params_m": electra.count_params(params) / 1e6,
         "tokens_per_s": batch_size * seq_len / median,
@@ -158,7 +159,7 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
 def format_step(r):
     return "\n".join([
         f"backend {r['backend']}" + (f" (kernels: {', '.join(r['kernels'])})" if r["kernels"] else "")
-        + (f"; TF32 GEMMs {'on' if r['tf32'] else 'off'}" if r["backend"] == "cupy" else ""),
+        + (f"; TF32 GEMMs {'on' if r['tf32'] else 'off'}" if r["backend"] == "cupy" else f"; BLAS: {r['blas']}"),
         f"batch {r['batch']} x seq {r['seq']}, {r['params_m']:.2f} M params, {r['steps']} timed steps after "
         f"{r['warmup']} warm-up; {r['shards']} shard(s) on {r['threads']} thread(s), {r['threads_busy']} busy",
         f"tokens/s            {r['tokens_per_s']:,.0f}",

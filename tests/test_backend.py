@@ -37,3 +37,18 @@ def test_missing_package_names_the_extra(monkeypatch):
 
 def test_get_xp_is_numpy_for_numpy_arrays():
     assert backend.get_xp(np.zeros(2), 3.0) is np
+
+
+def test_blas_library_names_numpys_blas_and_its_kernels(monkeypatch):
+    import threadpoolctl
+
+    loaded = [
+        {"user_api": "blas", "internal_api": "mkl", "version": "2024.2", "filepath": "/x/torch/lib/libmkl.so"},
+        {"user_api": "blas", "internal_api": "openblas", "version": "0.3.31", "architecture": "SkylakeX",
+         "filepath": "/x/numpy.libs/libscipy_openblas64_.so"},
+        {"user_api": "openmp", "internal_api": "openmp", "version": None, "filepath": "/x/libgomp.so"},
+    ]
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: loaded)
+    assert backend.blas_library() == "OpenBLAS 0.3.31, SkylakeX kernels"
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: loaded[2:])
+    assert backend.blas_library() == ""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minielectra import bench
+from minielectra import backend, bench
 from minielectra.cli import main
 from minielectra.config import ElectraConfig
 
@@ -40,3 +40,4 @@ def test_bench_command_ends_with_one_json_object(capsys):
         assert result[key] >= 0, key
     assert result["model_gflop_per_step"] == pytest.approx(bench.model_flops(MICRO, 2, 16) / 1e9)
     assert any(line.startswith("attention fwd+bwd") for line in lines)
+    assert result["blas"] == backend.blas_library()  # the GEMM rate depends on the BLAS kernels: say which
