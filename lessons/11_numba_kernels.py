@@ -69,17 +69,19 @@ print(f"numba {numba.__version__}, {numba.get_num_threads()} threads")
 # ```
 #
 # 7 reads and 6 writes of an (N, F) array: 13 passes over memory. The kernel loops over rows and, for each element,
-# computes h, Phi(h) and h Phi(h) in registers: it reads x once and writes out and s once, 3 passes. The erf is most
-# of the arithmetic; the kernel computes Phi with polynomials and an exp in plain arithmetic, which the compiler turns
-# into SIMD code, where a call to the C library's erf would run one element at a time (4x slower, measured). Below the
+# computes h, Phi(h), h Phi(h) and the slope gelu'(h) = Phi(h) + h phi(h) in registers: it reads x once and writes out
+# and the slope once, 3 passes. Its backward is then dx = dout * slope, where the reference's recomputes
+# phi(h) = exp(-h^2 / 2) / sqrt(2 pi) from x. The erf is most of the arithmetic; the kernel computes Phi with
+# polynomials and an exp in plain arithmetic, which the compiler turns into SIMD code, where a call to the C library's
+# erf would run one element at a time (4x slower, measured). Below the
 # pass count for every op the kernels fuse, read off the reference code line by line, in MB at the shape of a real
 # step.
 
 # %%
 N, C, F = 16 * 128, 128, 512  # tokens in a batch of 16 x 128, the tiny preset's width and FFN width
 PASSES = [  # (op, elements per pass, reference passes, kernel passes); a pass = one read or write of an array
-    ("bias+gelu forward", N * F, 7 + 6, 1 + 2),  # kernel: read x; write out, s
-    ("bias+gelu backward", N * F, 12 + 7, 3 + 1),  # kernel: read dout, x, s; write dx (db: one small row per chunk)
+    ("bias+gelu forward", N * F, 7 + 6, 1 + 2),  # kernel: read x; write out, slope
+    ("bias+gelu backward", N * F, 12 + 7, 2 + 1),  # kernel: read dout, slope; write dx (db: one small row per chunk)
     ("layernorm forward", N * C, 7 + 5, 1 + 2),  # kernel: read x; write y, xhat (a row of 512 B stays in L1)
     ("layernorm backward", N * C, 14 + 7, 2 + 1),  # kernel: read dout, xhat; write dx
 ]

@@ -1,5 +1,6 @@
 """The float32 special functions the Numba kernels compute in plain arithmetic (SIMD) instead of calling the C library:
-_common.exp and activations.normal_cdf, each against float64 truth over a dense grid, in ulps of the float32 result."""
+_common.exp and activations.normal_cdf_and_slope32 (GELU's Phi and slope), each against float64 truth over a dense grid,
+in ulps of the float32 result, compiled with the flags of the kernel that uses it."""
 
 import math
 
@@ -12,7 +13,7 @@ from numba import njit  # noqa: E402
 from scipy.special import ndtr  # noqa: E402
 
 from kernels.numba_cpu._common import exp  # noqa: E402
-from kernels.numba_cpu.activations import normal_cdf  # noqa: E402
+from kernels.numba_cpu.activations import CONTRACT, normal_cdf_and_slope32  # noqa: E402
 
 pytestmark = pytest.mark.numba
 
@@ -23,10 +24,10 @@ def _exp_each(x, out):
         out[i] = exp(x[i])
 
 
-@njit
-def _normal_cdf_each(x, out):
+@njit(fastmath=CONTRACT)  # as activations._forward_exact32 compiles it
+def _normal_cdf_and_slope_each(x, phi, slope):
     for i in range(x.size):
-        out[i] = normal_cdf(x[i])
+        phi[i], slope[i] = normal_cdf_and_slope32(x[i])
 
 
 def _apply(fn, x):
@@ -59,12 +60,29 @@ def test_normal_cdf_float32_is_within_half_an_ulp_where_float32_erf_cancels():
     # Down to h = -14, where Phi leaves float32's subnormals; 1 + erf(h / sqrt 2) in float32 is off by up to 2^24 ulps
     # of Phi below h = -3 (the reference's float32 Phi), which is why the kernel computes the tail.
     h = np.linspace(-14.5, 9.0, 3_000_001, dtype=np.float32)
-    exact = ndtr(h.astype(np.float64))
-    assert ulps_off(_apply(_normal_cdf_each, h), exact).max() <= 0.504
+    phi, _ = _cdf_and_slope(h)
+    assert ulps_off(phi, ndtr(h.astype(np.float64))).max() <= 0.504
     edges = np.array([-np.inf, -1000.0, -15.0, 0.0, 6.0, 1000.0, np.inf], np.float32)
-    assert _apply(_normal_cdf_each, edges).tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+    assert _cdf_and_slope(edges)[0].tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
 
 
-def test_normal_cdf_float64_is_the_reference_formula():
-    h = np.array([-40.0, -3.7, -0.2, 0.0, 1.3, 8.0])
-    assert _apply(_normal_cdf_each, h).tolist() == [0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in h]
+def test_gelu_slope_float32_is_within_half_an_ulp_of_its_terms():
+    # slope = Phi + h phi crosses 0 near h = -0.75, where the two terms cancel: there the bound is half an ulp of the
+    # result plus the float64 computation's relative error of the terms' size, Phi + |h| phi: exp_for_float32's 2e-10
+    # (in phi and in Phi's tail), the fits' 3e-12.
+    h = np.linspace(-14.5, 9.0, 3_000_001, dtype=np.float32)
+    h64 = h.astype(np.float64)
+    density = np.exp(-0.5 * h64 * h64) / math.sqrt(2.0 * math.pi)
+    exact = ndtr(h64) + h64 * density
+    _, slope = _cdf_and_slope(h)
+    err = np.abs(slope.astype(np.float64) - exact)
+    spacing = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert np.all(err <= 0.504 * spacing + 2.1e-10 * (ndtr(h64) + np.abs(h64) * density))
+    edges = np.array([-1000.0, -40.0, 0.0, 40.0, 1000.0], np.float32)  # at +-inf it is NaN, as in the reference
+    assert _cdf_and_slope(edges)[1].tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def _cdf_and_slope(h):
+    phi, slope = np.empty_like(h), np.empty_like(h)
+    _normal_cdf_and_slope_each(h, phi, slope)
+    return phi, slope
