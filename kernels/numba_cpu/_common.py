@@ -12,6 +12,12 @@ from numba.extending import intrinsic, overload
 # count) keeps the summation order, and so the result, the same on every machine.
 N_CHUNKS = 32
 
+# Lets LLVM fuse a multiply and the add that follows into one FMA instruction, which rounds once where the pair rounds
+# twice. The float64 polynomials of exp_for_float32 and of GELU's Phi run about twice as fast with it (measured below
+# and in activations.py); their accuracy is measured on code compiled this way (tests/kernels/test_common.py). It is
+# never given to code that mirrors the reference's float32 arithmetic, whose rounding the kernels reproduce.
+CONTRACT = {"contract"}
+
 
 def float_dtype(*arrays):
     """The dtype the reference would compute in: NumPy's promotion of the float inputs (float32 or float64)."""
@@ -35,16 +41,18 @@ def exp(x):
 
 
 # exp(x) = 2^k e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, in float64: a polynomial, and 2^k made by writing
-# k + 1023 into a float64's exponent bits, all plain arithmetic, which LLVM turns into SIMD code (2^k used to be nine
-# conditional squarings: a loop of exp over 2 M float32 took 2.1 ms on one core with them, 1.2 ms with the bits). The C library's expf, which math.exp calls,
-# is a function call per element, so a loop around it runs one element at a time. Measured on 2 cores (tiny preset,
-# batch 32 x 128, `bench_ops`), math.exp -> this: attention forward + backward 9.0 -> 7.8 ms, bias + GELU 17.6 ->
-# 14.2 ms, softmax cross-entropy 8.9 -> 5.7 ms; the whole training step 1.17-1.23x -> 1.39x PyTorch's tokens/s. A loop
-# that also calls another C function (log1p in the sigmoid loss) stays one element at a time, and there math.exp is
-# the faster of the two. Accuracy: the degree-8 Taylor polynomial's error on |r| <= 0.35 is below 2e-10, so the
-# float32 result is within 0.503 ulp of e**x (measured over 6 M inputs; np.exp is within 2.4 ulp). Overflow and
-# underflow come out as float32's: inf above 88.73, 0 below -103.98. float64 inputs keep math.exp: this polynomial
-# is not accurate to float64's last bit.
+# k + 1023 into a float64's exponent bits, all plain arithmetic, which LLVM turns into SIMD code. The C library's expf,
+# which math.exp calls, is a function call per element, so a loop around it runs one element at a time. Measured on 2
+# cores (tiny preset, batch 32 x 128, `bench_ops`), math.exp -> this: attention forward + backward 9.0 -> 7.8 ms,
+# bias + GELU 17.6 -> 14.2 ms, softmax cross-entropy 8.9 -> 5.7 ms; the whole training step 1.17-1.23x -> 1.39x
+# PyTorch's tokens/s. A loop that also calls another C function (log1p in the sigmoid loss) stays one element at a
+# time, and there math.exp is the faster of the two. Accuracy: the degree-8 Taylor polynomial's error on |r| <= 0.35
+# is below 2e-10, so the float32 result is within 0.503 ulp of e**x (measured over 6 M inputs; np.exp is within 2.4
+# ulp). Overflow and underflow come out as float32's: inf above 88.73, 0 below -103.98. float64 inputs keep math.exp:
+# this polynomial is not accurate to float64's last bit.
+# exp_for_float32 is compiled on its own with CONTRACT, not inlined by numba (which would compile it with the caller's
+# flags); LLVM still inlines it into the calling loop and vectorises it there. A loop of exp over 2 M float32 on one
+# core: 2.1 ms when 2^k was nine conditional squarings, 1.2 ms with the exponent bits, 0.7 ms with CONTRACT too.
 _EXP_LO, _EXP_HI = -110.0, 89.0  # beyond these e**x is 0 or inf in float32; the clamp keeps 2^k a normal float64
 _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
@@ -63,7 +71,7 @@ def _float64_from_bits(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=CONTRACT)
 def exp_for_float32(x):
     """e**x of a float64 x by the method above, as a float64 within 2e-10 of it: accurate enough to round to float32,
     not to be a float64 result. x is clamped to [-110, 89], outside of which float32's e**x is 0 or inf."""

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import as_2d, exp_for_float32, float_dtype, n_chunks
+from kernels.numba_cpu._common import CONTRACT, as_2d, exp_for_float32, float_dtype, n_chunks
 from minielectra.ops import checks
 from minielectra.ops.activations import BiasGeluCache, bias_gelu_backward as _reference_backward
 
@@ -27,7 +27,8 @@ _CUBIC = 0.044715
 
 # For float32, Phi in float64 plain arithmetic, rounded once: LLVM turns it into SIMD code, where math.erf is a C call
 # per element (on one core a GELU pass over 16 x 128 x 512 floats takes 8.4 ms with math.erf, 0.1 ms with no erf, and
-# 2.1 ms with this; 1.1 ms once multiply-adds are fused, see CONTRACT). With a = |h| / sqrt 2 and the tail Phi(-|h|) = erfc(a) / 2:
+# 2.1 ms with this; 1.1 ms with multiply-adds fused, below). With a = |h| / sqrt 2 and the tail
+# Phi(-|h|) = erfc(a) / 2:
 # - a < 1: erfc(a) = 1 - a P(a^2);
 # - a >= 1: erfc(a) = e^(-a^2) R(u), u = 3.9 t - 1.6 in [-1, 1] for t = 1 / (1 + a / 2) (Numerical Recipes' variable)
 #   and a in [1, 11]; beyond 11 erfc(a) / 2 < 1e-53, which is 0 in float32.
@@ -83,12 +84,10 @@ class BiasGeluKernelCache(NamedTuple):
     shape: tuple  # the forward's x.shape, (..., F)
 
 
-# The float32 exact form's kernel lets LLVM fuse a multiply and an add into one FMA instruction ('contract'), which
-# halves the float64 polynomials' cost (on one core 1 M entries take 2.1 ms without, 1.2 ms with). Only float64
-# intermediate values are contracted: the float32 operations, h = x + b and out = h * Phi, have no product to fuse, so
-# they stay the reference's. FMA rounds once where a multiply and an add round twice; the accuracy figures above are
-# measured on code compiled this way (test_common.py compiles its probe with CONTRACT too).
-CONTRACT = {"contract"}
+# The float32 exact form's kernel is compiled with CONTRACT (_common.py), which halves the cost of the float64
+# polynomials above (on one core 1 M entries take 2.1 ms without, 1.2 ms with). Only float64 intermediate values are
+# contracted: the float32 operations, h = x + b and out = h * Phi, have no product to fuse, so they stay the
+# reference's. test_common.py measures the accuracy above on code compiled this way.
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=CONTRACT)

@@ -12,8 +12,8 @@ pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 from scipy.special import ndtr  # noqa: E402
 
-from kernels.numba_cpu._common import exp  # noqa: E402
-from kernels.numba_cpu.activations import CONTRACT, normal_cdf_and_slope32  # noqa: E402
+from kernels.numba_cpu._common import CONTRACT, exp  # noqa: E402
+from kernels.numba_cpu.activations import normal_cdf_and_slope32  # noqa: E402
 
 pytestmark = pytest.mark.numba
 
