@@ -11,7 +11,7 @@
 # **You will learn**
 # - to count the memory passes of a reference op and of its fused kernel, and why that count, not the FLOPs, sets
 #   their speed;
-# - how the Numba attention kernel is organised: one parallel iteration per (batch, head), blocks of 64 query rows, a
+# - how the Numba attention kernel is organised: one parallel iteration per (batch, head), blocks of query rows, a
 #   stable masked softmax in place, the reference's hashed dropout mask, memory linear in T, single-threaded BLAS
 #   inside the parallel loop;
 # - why `kernels.numba_cpu` sets `OMP_WAIT_POLICY=PASSIVE`;
@@ -142,10 +142,11 @@ print(f"layernorm and bias+GELU kernels agree with the reference (float32, rtol 
 #
 # - **one `prange` iteration per (batch, head)**: B·H independent problems, spread over the cores by Numba's thread
 #   pool. Each iteration writes only its own (b, h) slices, so there are no races and no locks.
-# - the iteration walks its queries in **blocks of 64 rows**: `scores = q_blk kᵀ` goes to BLAS (`np.dot` on contiguous
-#   slices) into a (64, T) scratch block, and the softmax runs in place on it, one row at a time: scale and mask while
-#   finding the row max, then `exp(s - max)` and the sum, then the division. The max trick of lesson 02 keeps it
-#   stable; a row whose keys are all padding becomes zeros, as in the reference. Then `out_blk = weights @ v` (BLAS).
+# - the iteration walks its queries in **blocks of rows** (`BR` = 256 in the kernel, 64 in the loop below):
+#   `scores = q_blk kᵀ` goes to BLAS (`np.dot` on contiguous slices) into a (BR, T) scratch block, and the softmax
+#   runs in place on it, one row at a time: scale and mask while finding the row max, then `exp(s - max)` and the
+#   sum, then the division. The max trick of lesson 02 keeps it stable; a row whose keys are all padding becomes
+#   zeros, as in the reference. Then `out_blk = weights @ v` (BLAS).
 # - **nothing (T, T) is kept**: the cache holds q, k, v and, per query row, its max and its sum (B, H, T). The backward
 #   redoes the same `np.dot` on the same block and rebuilds each weight as `exp(s - max) / sum`, the forward's very
 #   numbers, so memory grows linearly in T where the reference keeps `probs` and a dropout scale of (B, H, T, T) each.
@@ -180,7 +181,7 @@ def kernel_iteration(q, k, v, keys, keep, p_drop, rows=64):
     return out, row_max, row_sum
 
 
-B, H, T, D = 2, 2, 80, 16  # T = 80: two row blocks
+B, H, T, D = 2, 2, 80, 16  # T = 80: two row blocks of the loop's 64
 q, k, v = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(3))
 mask = np.ones((B, T), np.int64)
 mask[1, 25:] = 0  # the second sequence: 25 real tokens, 55 pads
@@ -338,4 +339,4 @@ assert all(row.ok for row in rows_k)
 # ## Where next
 #
 # Lesson 12 moves attention to a GPU, where one kernel launch must keep thousands of threads busy: the online
-# softmax, tile by tile, takes the place of this kernel's 64-row blocks.
+# softmax, tile by tile, takes the place of this kernel's blocks of whole rows.

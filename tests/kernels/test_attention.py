@@ -5,8 +5,9 @@ summation order computes exactly, so the test exercises the stable softmax (one-
 rather than measuring how BLAS rounds a 1e6-sized dot product, which no tolerance in ulps of the output could absorb.
 
 The kernel keeps no (T, T) array: its cache is q, k, v, each score row's max and exp-sum and the dropout seed, and
-its working memory is a few (64, T) blocks per thread. It walks the queries in blocks of ker.BR = 64 rows, so T up to
-70 crosses a block boundary.
+its working memory is a few (BR, T) blocks per thread. It walks the queries in blocks of ker.BR rows (256); these tests
+set BR to 16, so the drawn T (up to 70) spans up to five blocks, the last one partial. One test runs the default BR
+on a T that crosses its boundary, and the memory test measures the default.
 """
 
 import tracemalloc
@@ -25,6 +26,17 @@ from kernels.numba_cpu import attention as ker  # noqa: E402
 from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, SEEDS, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.numba
+
+DEFAULT_BR = ker.BR
+SMALL_BR = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def small_blocks():
+    ker.BR = SMALL_BR
+    yield
+    ker.BR = DEFAULT_BR
+
 
 DIMS = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 70), st.integers(1, 17))  # B, H, T, D
 
@@ -95,6 +107,13 @@ def test_forward_and_backward_match_reference(seed, dims, dtype, big, heads_view
     _check(seed, dims, dtype, big, heads_view, mask_kind, 0.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_default_block_size_across_a_block_boundary(dtype, monkeypatch):
+    monkeypatch.setattr(ker, "BR", DEFAULT_BR)
+    c, _ = _check(8, (2, 1, DEFAULT_BR + 44, 8), dtype, False, True, "lengths", 0.1)
+    assert c.block_rows == DEFAULT_BR
+
+
 @KERNEL_SETTINGS
 @given(seed=SEEDS, dims=DIMS, dtype=DTYPES, big=st.booleans(), p_drop=st.sampled_from([0.1, 0.5, 0.9]))
 def test_dropout_matches_reference_with_the_same_seed(seed, dims, dtype, big, p_drop):
@@ -127,8 +146,8 @@ def test_kernel_keep_bits_are_the_hashed_keep_mask(dtype, p_drop):
 @pytest.mark.parametrize("p_drop", [0.0, 0.3])
 def test_grads_against_its_own_forward(p_drop):
     """Centred finite differences of the kernel's forward (float64, the mask redrawn from the same seed each call)
-    against the kernel's backward, which recomputes weights and keep bits rather than storing them; T = 67 spans two
-    row blocks, and the padding leaves a fully masked sequence."""
+    against the kernel's backward, which recomputes weights and keep bits rather than storing them; T = 67 spans five
+    row blocks of SMALL_BR, and the padding leaves a fully masked sequence."""
     rng = np.random.default_rng(6)
     q, k, v = (rng.standard_normal((3, 2, 67, 3)) for _ in range(3))
     mask = (np.arange(67)[None, :] < np.array([[67], [40], [0]])).astype(np.int64)
@@ -145,11 +164,12 @@ def _cache_bytes(c):
 
 
 @pytest.mark.parametrize("p_drop", [0.0, 0.1])
-def test_memory_grows_linearly_in_T(p_drop):
+def test_memory_grows_linearly_in_T(p_drop, monkeypatch):
     """The cache holds q, k, v (B, H, T, D), rowmax and rowsum (B, H, T) and the key mask (B, T): nothing (T, T).
     Everything forward + backward allocate (tracemalloc sees NumPy's and Numba's allocations) fits a budget linear in
     T: the outputs, plus per busy thread two (BR, T) blocks, a (T, D) partial and a (T,) row of keep bits. At these
     sizes the budget is below a single head's (T, T) weights, so one such array anywhere fails the test."""
+    monkeypatch.setattr(ker, "BR", DEFAULT_BR)
     B, H, D = 2, 2, 4
     workers = min(numba.get_num_threads(), B * H)
 
@@ -168,7 +188,7 @@ def test_memory_grows_linearly_in_T(p_drop):
         return used
 
     peak(64)  # compiled before measuring
-    for T in (1024, 2048):
+    for T in (2048, 4096):
         outputs = (4 * B * H * T * D + 2 * B * H * T) * 8 + 2 * B * T  # out, dq, dk, dv, rowmax, rowsum; key masks
         scratch = workers * (2 * ker.BR * T * 8 + T * D * 8 + T)
         budget = outputs + scratch + 2**17  # + 128 KiB for the Python objects on the way
