@@ -214,6 +214,7 @@ _OP_MODULES = {
     "softmax_cross_entropy": "minielectra.ops.losses",
     "sigmoid_cross_entropy": "minielectra.ops.losses",
     "embedding_backward": "minielectra.ops.embedding",
+    "clip_scale": "minielectra.optim",
     "adamw_step": "minielectra.optim",
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 from minielectra import backend, electra, parallel
 from minielectra.backend import dispatch
 from minielectra.config import ElectraConfig
-from minielectra.optim import adamw_init, clip_scale, learning_rate
+from minielectra.optim import adamw_init, learning_rate
 
 
 def masked_tokens(config: ElectraConfig, batch_size, seq_len):
@@ -85,7 +85,7 @@ def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
     def step():
         losses, _, grads, _ = parallel.loss_and_grads(electra, params, batch, config, rng, train=True, shards=shards,
                                                       threads=threads)
-        _, scale = clip_scale(grads, train.max_grad_norm)
+        _, scale = dispatch("clip_scale", params[electra.WORDS])(grads, train.max_grad_norm)
         dispatch("adamw_step", params[electra.WORDS])(params, grads, state, learning_rate(counter[0], train), train,
                                                          grad_scale=scale)
         counter[0] += 1

@@ -45,7 +45,7 @@ from minielectra import data as datamod
 from minielectra import finetune as ft
 from minielectra import mlm, parallel, train as trainmod
 from minielectra.backend import dispatch
-from minielectra.optim import adamw_init, clip_scale, learning_rate
+from minielectra.optim import adamw_init, learning_rate
 
 EXPERIMENTS = ("electra-vs-mlm",)
 OBJECTIVES = ("electra", "mlm")
@@ -137,6 +137,7 @@ def seconds_per_step(model, tc, steps=CALIBRATION_STEPS):
     ids[:, 0], ids[:, -1] = model.cls_token_id, model.sep_token_id
     batch = ids, np.ones_like(ids)
     update = dispatch("adamw_step", next(iter(params.values())))
+    clip_scale = dispatch("clip_scale", next(iter(params.values())))
     shards, threads = parallel.plan(tc.shards, tc.batch_size, xp)
 
     def step():

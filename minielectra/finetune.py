@@ -41,7 +41,7 @@ from minielectra import data as datamod
 from minielectra import lstm_classifier as lstm_clf
 from minielectra import backend, parallel
 from minielectra.backend import dispatch, get_xp, on_device
-from minielectra.optim import AdamWState, adamw_init, clip_scale, learning_rate
+from minielectra.optim import AdamWState, adamw_init, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -374,7 +374,7 @@ def finetune(out_dir, data=None, task=None, dev=None, init=None, model=None, tra
                 loss, logits, grads = parallel.classifier_loss_and_grads(
                     _module(model), params, (ids, mask, types, labels), model, num_labels, dropout_rng, train=True,
                     shards=shards, threads=threads)
-                norm, clip = clip_scale(grads, tc.max_grad_norm)
+                norm, clip = dispatch("clip_scale", next(iter(params.values())))(grads, tc.max_grad_norm)
                 device = on_device(norm)
                 if not device:  # on the host the check is free, so a diverged step is caught before its update
                     _check_finite(loss, norm, f"epoch {epoch} step {b + 1}", out)

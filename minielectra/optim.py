@@ -101,6 +101,11 @@ def clip_scale(grads, max_norm):
         g = grads[k]
         xp = get_xp(g)
         total = total + xp.sum(xp.square(g.astype(xp.float64)))
+    return norm_and_scale(total, max_norm)
+
+
+def norm_and_scale(total, max_norm):
+    """clip_scale's (global_norm, scale) from the sum of the squared gradients, a float or a 0-d device array."""
     if on_device(total):
         xp = get_xp(total)
         norm = xp.sqrt(total)

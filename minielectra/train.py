@@ -24,7 +24,7 @@ from minielectra import data as datamod
 from minielectra import electra, mlm, parallel
 from minielectra import backend
 from minielectra.backend import dispatch, on_device
-from minielectra.optim import adamw_init, clip_scale, learning_rate
+from minielectra.optim import adamw_init, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -177,7 +177,7 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
             batch = next(batches)
             losses, metrics, grads, _ = parallel.loss_and_grads(objective, params, batch, model, rng, train=True,
                                                                 shards=shards, threads=threads)
-            norm, scale = clip_scale(grads, train.max_grad_norm)
+            norm, scale = dispatch("clip_scale", params[electra.WORDS])(grads, train.max_grad_norm)
             lr = learning_rate(step, train)
             record = {"step": step + 1, **losses, **metrics, "lr": lr, "grad_norm": norm}
             device = on_device(norm)

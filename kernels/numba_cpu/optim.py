@@ -1,26 +1,91 @@
-"""Numba kernel for `minielectra.optim.adamw_step`: the whole AdamW update of one tensor in a single pass.
+"""Numba kernels for `minielectra.optim` (clip_scale, adamw_step).
 
-The reference makes ~8 passes over memory per parameter (scale g, update m, update v, sqrt, divide, decay, step) with
-a temporary for each; here every element is read once and m, v and the parameter are written once, with the clipping
-scale and the decay mask folded in. Same arithmetic, in float32 for float32 params, as the reference.
+adamw_step: the whole AdamW update of one tensor in a single pass. The reference makes ~8 passes over memory per
+parameter (scale g, update m, update v, sqrt, divide, decay, step) with a temporary for each; here every element is
+read once and m, v and the parameter are written once, with the clipping scale and the decay mask folded in. Same
+arithmetic, in float32 for float32 params, as the reference.
+
+clip_scale: the sum of the squared gradients in float64 in one pass per tensor, where the reference casts each
+tensor to a float64 copy, squares it into a second and sums that. It runs between the shards' backward passes and the
+update, on the whole step's critical path.
+
+Both run a tensor on Numba's thread pool only from PARALLEL_MIN entries on: most of a model's tensors are biases and
+norms, and waking the pool for each costs more than their update. The small preset's 402 tensors (14.2 M entries) on
+2 cores: AdamW 26.8 ms with every tensor on the pool, 11.7 ms with the threshold (the reference 32.8 ms); clip_scale
+23.8 ms and 9.0 ms (the reference 17.5 ms).
 """
 
 import numpy as np
 from numba import njit, prange
 
-from minielectra.optim import _check_matching, no_decay
+from kernels.numba_cpu._common import n_chunks
+from minielectra.optim import _check_matching, no_decay, norm_and_scale
+
+_LANES = 8  # independent running sums per chunk: one would wait for each add in turn
+PARALLEL_MIN = 1 << 16  # entries from which a tensor is updated or summed on the thread pool
+
+
+@njit(cache=True, inline="always")
+def _sum_chunk(g, acc, lo, hi):
+    # Entry i goes to lane i % _LANES of acc, so the order of the additions is fixed by the code, on any CPU.
+    for i in range(lo, hi):
+        x = np.float64(g[i])
+        acc[i % _LANES] += x * x
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _sum_squares(g, partial):
+    # g (n,) flat; partial (chunks, _LANES) float64: chunk c owns row c and the entries [c n / chunks, (c+1) n / chunks).
+    n = g.size
+    chunks = partial.shape[0]
+    for c in prange(chunks):
+        _sum_chunk(g, partial[c], c * n // chunks, (c + 1) * n // chunks)
+
+
+@njit(cache=True, nogil=True)
+def _sum_squares_here(g, partial):
+    # _sum_squares on the calling thread, the same chunks in the same order: for a small tensor, waking the thread
+    # pool costs more than the sum (a model has a few hundred tensors, most of them biases and norms).
+    n = g.size
+    chunks = partial.shape[0]
+    for c in range(chunks):
+        _sum_chunk(g, partial[c], c * n // chunks, (c + 1) * n // chunks)
+
+
+def clip_scale(grads, max_norm):
+    """Same contract as minielectra.optim.clip_scale: (global_norm, scale). Tensors are added in sorted key order, as
+    in the reference, so a resumed run adds them in the same order as a fresh one."""
+    total = 0.0
+    for k in sorted(grads):
+        g = np.ascontiguousarray(grads[k]).reshape(-1)
+        partial = np.zeros((n_chunks(g.size), _LANES))
+        (_sum_squares if g.size >= PARALLEL_MIN else _sum_squares_here)(g, partial)
+        total += float(partial.sum())
+    return norm_and_scale(total, max_norm)
+
+
+@njit(cache=True, inline="always")
+def _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd):
+    gi = g[i] * grad_scale
+    mi = b1 * m[i] + c1 * gi
+    vi = b2 * v[i] + c2 * (gi * gi)
+    m[i] = mi
+    v[i] = vi
+    update = mi / (np.sqrt(vi) + eps) + wd * p[i]
+    p[i] = p[i] - lr * update
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _adamw_flat(p, g, m, v, lr, grad_scale, b1, c1, b2, c2, eps, wd):
     for i in prange(p.size):  # each iteration owns element i
-        gi = g[i] * grad_scale
-        mi = b1 * m[i] + c1 * gi
-        vi = b2 * v[i] + c2 * (gi * gi)
-        m[i] = mi
-        v[i] = vi
-        update = mi / (np.sqrt(vi) + eps) + wd * p[i]
-        p[i] = p[i] - lr * update
+        _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd)
+
+
+@njit(cache=True, nogil=True)
+def _adamw_flat_here(p, g, m, v, lr, grad_scale, b1, c1, b2, c2, eps, wd):
+    # _adamw_flat on the calling thread, for tensors too small to pay for waking the thread pool
+    for i in range(p.size):
+        _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd)
 
 
 def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
@@ -35,6 +100,7 @@ def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
         b1, b2 = config.adam_beta1, config.adam_beta2
         # 1 - beta is formed in float64 and rounded once, as the reference's Python scalars are: 1 - float32(0.999)
         # would be off by 1e-5 relative.
-        _adamw_flat(p.reshape(-1), g.reshape(-1), state.m[k].reshape(-1), state.v[k].reshape(-1), t(lr),
-                    t(grad_scale), t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon), t(wd))
+        update = _adamw_flat if p.size >= PARALLEL_MIN else _adamw_flat_here
+        update(p.reshape(-1), g.reshape(-1), state.m[k].reshape(-1), state.v[k].reshape(-1), t(lr), t(grad_scale),
+               t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon), t(wd))
     state.step += 1

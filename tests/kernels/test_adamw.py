@@ -1,4 +1,7 @@
-"""kernels/numba_cpu/optim.py against the reference minielectra.optim.adamw_step (tolerance: numba_kernel_checks)."""
+"""kernels/numba_cpu/optim.py against the reference minielectra.optim's adamw_step (tolerance: numba_kernel_checks)
+and clip_scale (the error bound of a sum of non-negative terms)."""
+
+import math
 
 import numpy as np
 import pytest
@@ -39,3 +42,55 @@ def test_adamw_kernel_rejects_mismatched_keys():
     params = {"w": np.zeros(3, np.float32)}
     with pytest.raises(ValueError, match="w"):
         ker.adamw_step(params, {}, ref.adamw_init(params), 1e-3, TrainConfig())
+
+
+@KERNEL_SETTINGS
+@given(seed=SEEDS, dtype=DTYPES, mag=MAGNITUDES, sizes=st.lists(st.integers(1, 700), min_size=1, max_size=5),
+       strided=st.booleans())
+def test_clip_scale_matches_reference(seed, dtype, mag, sizes, strided):
+    rng = np.random.default_rng(seed)
+    grads = {f"p{i}": (rng.standard_normal(2 * n) * mag).astype(dtype) for i, n in enumerate(sizes)}
+    grads = {k: g[::2] if strided else g[: len(g) // 2] for k, g in grads.items()}  # strided: non-contiguous
+    norm_ref, scale_ref = ref.clip_scale(grads, 1.0)
+    norm, scale = ker.clip_scale(grads, 1.0)
+    # Both sum the same float64 squares, in other orders: a sum of n non-negative terms is within n eps of the exact
+    # one, so the two totals are within 2 n eps of each other, and their square roots within n eps.
+    n = sum(sizes)
+    eps = np.finfo(np.float64).eps
+    assert abs(norm - norm_ref) <= n * eps * norm_ref
+    assert abs(scale - scale_ref) <= 2 * n * eps * scale_ref
+
+
+def test_clip_scale_edges():
+    zeros = {"w": np.zeros((3, 5), np.float32)}
+    assert ker.clip_scale(zeros, 1.0) == (0.0, 1.0)
+    assert ker.clip_scale({"w": np.array([3.0, 4.0], np.float32)}, 10.0) == (5.0, 1.0)
+    assert ker.clip_scale({"w": np.array([30.0, 40.0], np.float32)}, 10.0) == (50.0, 0.2)
+    for bad in (np.inf, np.nan):  # reported as they are, with a NaN scale, as the reference does
+        norm, scale = ker.clip_scale({"w": np.array([1.0, bad], np.float32), "b": np.ones(3, np.float32)}, 1.0)
+        assert not math.isfinite(norm) and math.isnan(scale)
+        assert (math.isinf(norm), math.isnan(norm)) == (math.isinf(ref.clip_scale({"w": np.array([1.0, bad])}, 1.0)[0]),
+                                                       math.isnan(bad))
+
+
+def test_thread_pool_and_calling_thread_agree_bit_for_bit(monkeypatch):
+    """Tensors from PARALLEL_MIN entries on run on the thread pool, smaller ones on the calling thread: the same chunks
+    in the same order, so the same bits either way (the hypothesis tests above draw only small tensors)."""
+    rng = np.random.default_rng(3)
+    shapes = {"big.weight": (ker.PARALLEL_MIN + 77,), "small.bias": (5,)}
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    results = []
+    for threshold in (0, 2**62):  # everything on the pool; everything on the calling thread
+        monkeypatch.setattr(ker, "PARALLEL_MIN", threshold)
+        mine = {k: v.copy() for k, v in params.items()}
+        state = ref.adamw_init(mine)
+        ker.adamw_step(mine, grads, state, 1e-2, TrainConfig(), grad_scale=0.5)
+        results.append((ker.clip_scale(grads, 1.0), mine, state))
+    (clip_a, p_a, s_a), (clip_b, p_b, s_b) = results
+    assert clip_a == clip_b
+    for k in shapes:
+        for a, b in ((p_a[k], p_b[k]), (s_a.m[k], s_b.m[k]), (s_a.v[k], s_b.v[k])):
+            np.testing.assert_array_equal(a, b)
+    norm_ref = ref.clip_scale(grads, 1.0)[0]
+    assert abs(clip_a[0] - norm_ref) <= sum(g.size for g in grads.values()) * np.finfo(np.float64).eps * norm_ref

@@ -25,21 +25,26 @@ def numba_backend():
         backend._kernel_cache.clear()
 
 
-# The ops this directory's kernels cover (backend._OP_MODULES may list more, e.g. the optimizer's adamw_step).
+# The ops kernels/numba_cpu covers, by kernel module: every op backend._OP_MODULES lists.
 KERNEL_OPS = {
     "attention_forward": "attention", "attention_backward": "attention",
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
     "bias_gelu_forward": "activations", "bias_gelu_backward": "activations",
     "softmax_cross_entropy": "losses", "sigmoid_cross_entropy": "losses",
     "embedding_backward": "embedding",
+    "clip_scale": "optim", "adamw_step": "optim",
 }
+
+
+def test_every_dispatched_op_has_a_numba_kernel():
+    assert sorted(KERNEL_OPS) == sorted(backend._OP_MODULES)
 
 
 @pytest.mark.parametrize("op", sorted(KERNEL_OPS))
 def test_dispatch_returns_the_kernel(numba_backend, op):
     module = importlib.import_module(f"kernels.numba_cpu.{KERNEL_OPS[op]}")
     assert backend.dispatch(op, np.zeros(1)) is getattr(module, op)
-    assert module.__doc__ and f"minielectra.ops.{KERNEL_OPS[op]}" in module.__doc__
+    assert module.__doc__ and backend._OP_MODULES[op] in module.__doc__  # the docstring names its reference
 
 
 def test_multi_head_attention_through_the_kernels_matches_numpy(numba_backend):
