@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from minielectra import backend, config as cfgmod
+from minielectra import allocator, backend, config as cfgmod
 
 # Shortcut flags for the training fields people change most; any other field goes through --set NAME=VALUE.
 _TRAIN_FLAGS = {"steps": int, "batch": ("batch_size", int), "seq": ("seq_len", int), "lr": ("learning_rate", float),
@@ -355,6 +355,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    allocator.keep_freed_memory()  # a step's arrays reuse freed memory instead of page-faulting in fresh (allocator.py)
     from minielectra.checkpoint import CheckpointError
     from minielectra.data import DataError
     from minielectra.train import TrainingError
