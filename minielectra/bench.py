@@ -156,6 +156,50 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
     }
 
 
+def compare_backends(config, train, batch_size, seq_len, steps=20, warmup=3):
+    """The step on the active backend (numba) and on the numpy reference, timed in interleaved runs: medians,
+    tokens/s, ratio (active / numpy). Each iteration times one step of each, alternating which goes first, so that
+    load from other work on the machine falls on both alike. Both run the same batch, shards and threads."""
+    active = backend.active_backend()
+    ours, _, plan = make_step(config, train, batch_size, seq_len)
+    reference, _, _ = make_step(config, train, batch_size, seq_len)
+
+    def on_numpy():
+        backend.set_backend("numpy")  # dispatch reads the active backend at each call
+        try:
+            reference()
+        finally:
+            backend.set_backend(active)
+
+    for _ in range(warmup):
+        ours()
+        on_numpy()
+    times = {"ours": [], "numpy": []}
+    for i in range(steps):
+        order = (("ours", ours), ("numpy", on_numpy)) if i % 2 == 0 else (("numpy", on_numpy), ("ours", ours))
+        for name, fn in order:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = batch_size * seq_len
+    return {"backend": active, "batch": batch_size, "seq": seq_len, "steps": steps, "warmup": warmup, **plan,
+            "s_per_step_ours": med["ours"], "s_per_step_numpy": med["numpy"],
+            "tokens_per_s_ours": tokens / med["ours"], "tokens_per_s_numpy": tokens / med["numpy"],
+            "ratio": med["numpy"] / med["ours"]}
+
+
+def format_backends(d):
+    return "\n".join([
+        f"vs the numpy reference: {d['steps']} interleaved steps after {d['warmup']} warm-up, batch {d['batch']} x "
+        f"seq {d['seq']}, {d['shards']} shard(s) on {d['threads']} thread(s) each",
+        f"{'':<16} {d['backend']:>10} {'numpy':>10}",
+        f"{'s/step median':<16} {d['s_per_step_ours']:>10.4f} {d['s_per_step_numpy']:>10.4f}",
+        f"{'tokens/s':<16} {d['tokens_per_s_ours']:>10,.0f} {d['tokens_per_s_numpy']:>10,.0f}",
+        f"tokens/s ratio {d['backend']} / numpy: {d['ratio']:.2f}x",
+    ])
+
+
 def format_step(r):
     return "\n".join([
         f"backend {r['backend']}" + (f" (kernels: {', '.join(r['kernels'])})" if r["kernels"] else "")

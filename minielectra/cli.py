@@ -113,11 +113,18 @@ def cmd_bench(args):
 
     model, tc = _configs(args)
     batch, seq = tc.batch_size, tc.seq_len
+    if args.vs_numpy and backend.active_backend() != "numba":
+        raise cfgmod.ConfigError(f"--vs-numpy compares the numba kernels with the numpy reference; this run uses the "
+                                 f"{backend.active_backend()} backend: add --backend numba")
     if args.ops:
         print(f"per-op times at the step's shapes (batch {batch}, seq {seq}), median of 10 calls:")
         print(bench.format_ops(bench.bench_ops(model, tc, batch, seq)))
     result = bench.bench_step(model, tc, batch, seq, steps=args.bench_steps, warmup=args.bench_warmup)
     print(bench.format_step(result))
+    if args.vs_numpy:
+        result["vs_numpy"] = bench.compare_backends(model, tc, batch, seq, steps=args.bench_steps,
+                                                    warmup=args.bench_warmup)
+        print(bench.format_backends(result["vs_numpy"]))
     if args.vs_torch:
         from minielectra import bench_torch
 
@@ -254,6 +261,8 @@ def build_parser():
     p.add_argument("--warmup", dest="bench_warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--ops", action="store_true", help="also time each op: reference vs kernel")
     p.add_argument("--vs-torch", action="store_true", help="also time the same step in PyTorch + transformers")
+    p.add_argument("--vs-numpy", action="store_true",
+                   help="also time the step on the numpy reference, interleaved with the numba backend's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     _add_backend(p)
     p.set_defaults(func=cmd_bench)

@@ -41,3 +41,35 @@ def test_bench_command_ends_with_one_json_object(capsys):
     assert result["model_gflop_per_step"] == pytest.approx(bench.model_flops(MICRO, 2, 16) / 1e9)
     assert any(line.startswith("attention fwd+bwd") for line in lines)
     assert result["blas"] == backend.blas_library()  # the GEMM rate depends on the BLAS kernels: say which
+
+
+def _micro_argv():
+    argv = ["bench", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16", "--json"]
+    for field, value in MICRO.__dict__.items():
+        if not field.endswith("token_id"):
+            argv += ["--set", f"{field}={value}"]
+    return argv
+
+
+def test_vs_numpy_times_both_backends_interleaved(capsys):
+    pytest.importorskip("numba")
+    previous = backend._active
+    try:
+        assert main(_micro_argv() + ["--vs-numpy", "--backend", "numba"]) == 0
+    finally:
+        backend._active = previous
+        backend._kernel_cache.clear()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["vs_numpy"]
+    assert result["backend"] == "numba"
+    assert result["ratio"] == pytest.approx(result["s_per_step_numpy"] / result["s_per_step_ours"])
+    assert result["tokens_per_s_numpy"] == pytest.approx(2 * 16 / result["s_per_step_numpy"])
+
+
+def test_vs_numpy_needs_the_numba_backend(capsys):
+    previous = backend._active
+    try:
+        assert main(_micro_argv() + ["--vs-numpy", "--backend", "numpy"]) == 2
+    finally:
+        backend._active = previous
+        backend._kernel_cache.clear()
+    assert "add --backend numba" in capsys.readouterr().err
