@@ -11,22 +11,9 @@ from minielectra import allocator
 
 ON_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
-# Twenty 200 KB arrays at a time, four times over; prints the page faults of each round. glibc serves them from its
-# heap once the first round has raised its mmap threshold, and by default trims the heap's free top back to the
-# system after each round, so every round faults its 4 MB in again (about 1,000 pages).
-PROBE = """
-import resource, sys
-import numpy as np
-from minielectra import allocator
-if sys.argv[1] == "keep":
-    assert allocator.keep_freed_memory()
-def round_faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    arrays = [np.ones(200_000, np.uint8) for _ in range(20)]
-    del arrays
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(*[round_faults() for _ in range(4)])
-"""
+# In a fresh process: glibc's defaults, or the settings (which cannot be undone) applied first.
+PROBE = ("import sys; from minielectra import allocator; keep = sys.argv[1] == 'keep'; "
+         "assert not keep or allocator.keep_freed_memory(); print(*allocator.faults_per_round())")
 
 
 def _faults(mode):
@@ -38,7 +25,7 @@ def _faults(mode):
 @pytest.mark.skipif(not ON_GLIBC, reason="mallopt is glibc's")
 def test_kept_memory_is_reused_without_page_faults():
     default, kept = _faults("default"), _faults("keep")
-    assert min(default[1:]) > 500  # the probe shows the cost it is about
+    assert min(default[1:]) > 500  # every round faults its 4 MB (about 1,000 pages) in again: the cost at stake
     assert max(kept[1:]) < 50  # the first round faults its pages in once; the others reuse them
 
 
