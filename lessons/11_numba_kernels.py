@@ -306,7 +306,7 @@ assert word_rows.rel_error < 1e-7
 
 # %% [markdown]
 # What it buys, on the tiny preset at batch 32 x 128 (measured on 2 cores with `minielectra bench --shards 1` and
-# `--shards 2`): the Numba backend goes from 10,600 to 15,300 tokens/s, the NumPy reference from 8,800 to 11,500.
+# `--shards 2`): the Numba backend goes from 15,700 to 23,500 tokens/s, the NumPy reference from 11,000 to 16,800.
 # Each shard runs with one BLAS thread, so the two threads never compete for a core. A run's numbers depend on its
 # shard count (each shard draws its own masks and dropout), never on the number of threads; `pretrain` picks one
 # shard per core and saves the count with the run, so a resumed run continues exactly. On a GPU a run keeps one
