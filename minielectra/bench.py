@@ -156,10 +156,25 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
     }
 
 
+def time_interleaved(fns, steps, sync=lambda: None):
+    """{name: [seconds of each call]} for fns = {name: fn}: `steps` rounds, each timing one call of every fn, the
+    order reversed every other round, so that load from other work on the machine and thermal drift fall on all
+    alike. sync() runs before and after each call (a GPU's synchronisation, so the time is the work's)."""
+    items = list(fns.items())
+    times = {name: [] for name in fns}
+    for i in range(steps):
+        for name, fn in items if i % 2 == 0 else items[::-1]:
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def compare_backends(config, train, batch_size, seq_len, steps=20, warmup=3):
-    """The step on the active backend (numba) and on the numpy reference, timed in interleaved runs: medians,
-    tokens/s, ratio (active / numpy). Each iteration times one step of each, alternating which goes first, so that
-    load from other work on the machine falls on both alike. Both run the same batch, shards and threads."""
+    """The step on the active backend (numba) and on the numpy reference, timed by time_interleaved: medians,
+    tokens/s, ratio (active / numpy). Both run the same batch, shards and threads."""
     active = backend.active_backend()
     ours, _, plan = make_step(config, train, batch_size, seq_len)
     reference, _, _ = make_step(config, train, batch_size, seq_len)
@@ -174,13 +189,7 @@ def compare_backends(config, train, batch_size, seq_len, steps=20, warmup=3):
     for _ in range(warmup):
         ours()
         on_numpy()
-    times = {"ours": [], "numpy": []}
-    for i in range(steps):
-        order = (("ours", ours), ("numpy", on_numpy)) if i % 2 == 0 else (("numpy", on_numpy), ("ours", ours))
-        for name, fn in order:
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = time_interleaved({"ours": ours, "numpy": on_numpy}, steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = batch_size * seq_len
     return {"backend": active, "batch": batch_size, "seq": seq_len, "steps": steps, "warmup": warmup, **plan,

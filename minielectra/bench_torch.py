@@ -22,7 +22,6 @@ and HF initialises with a plain normal (ours: truncated normal). `attn_implement
 """
 
 import statistics
-import time
 
 import numpy as np
 
@@ -157,8 +156,7 @@ def torch_step(config: ElectraConfig, train, batch_size, seq_len, seed=0, attn_i
 def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=3, attn_implementation="sdpa"):
     """Our step and the PyTorch step timed in interleaved runs; medians, tokens/s, ratio (ours / torch), MFU of each.
 
-    Each iteration times one step of each, alternating which goes first, so that load from other work on the machine
-    and thermal drift fall on both alike. Under the cupy backend the PyTorch step runs on CUDA, and both are timed
+    bench.time_interleaved times them. Under the cupy backend the PyTorch step runs on CUDA, and both are timed
     between device synchronisations.
     """
     torch, transformers = _import()
@@ -171,15 +169,7 @@ def compare(config: ElectraConfig, train, batch_size, seq_len, steps=20, warmup=
     for _ in range(max(0, warmup - 1)):
         ours()
         theirs()
-    times = {"ours": [], "torch": []}
-    for i in range(steps):
-        order = (("ours", ours), ("torch", theirs)) if i % 2 == 0 else (("torch", theirs), ("ours", ours))
-        for name, fn in order:
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t)
+    times = bench.time_interleaved({"ours": ours, "torch": theirs}, steps, sync)
     flops = bench.model_flops(config, batch_size, seq_len)
     gemm = bench.gemm_flops_per_s(xp=backend.array_module())
     tokens = batch_size * seq_len

@@ -26,13 +26,26 @@ def test_model_flops_by_hand():
     assert bench.model_flops(MICRO, B, T) == expected
 
 
-def test_bench_command_ends_with_one_json_object(capsys):
-    argv = ["bench", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16", "--json", "--ops"]
+def _micro_argv(*extra):
+    """bench at batch 2 x 16 on the MICRO config, two timed steps, a JSON line at the end."""
+    argv = ["bench", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16", "--json", *extra]
     for field, value in MICRO.__dict__.items():
-        if field.endswith("token_id"):
-            continue
-        argv += ["--set", f"{field}={value}"]
-    assert main(argv) == 0
+        if not field.endswith("token_id"):
+            argv += ["--set", f"{field}={value}"]
+    return argv
+
+
+@pytest.fixture
+def restored_backend():
+    """main() sets the process's backend; put back the one the other tests run on."""
+    previous = backend._active
+    yield
+    backend._active = previous
+    backend._kernel_cache.clear()
+
+
+def test_bench_command_ends_with_one_json_object(capsys, restored_backend):
+    assert main(_micro_argv("--ops")) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     for key in ("tokens_per_s", "s_per_step_median", "model_gflop_per_step", "achieved_gflop_per_s",
@@ -43,33 +56,15 @@ def test_bench_command_ends_with_one_json_object(capsys):
     assert result["blas"] == backend.blas_library()  # the GEMM rate depends on the BLAS kernels: say which
 
 
-def _micro_argv():
-    argv = ["bench", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16", "--json"]
-    for field, value in MICRO.__dict__.items():
-        if not field.endswith("token_id"):
-            argv += ["--set", f"{field}={value}"]
-    return argv
-
-
-def test_vs_numpy_times_both_backends_interleaved(capsys):
+def test_vs_numpy_times_both_backends_interleaved(capsys, restored_backend):
     pytest.importorskip("numba")
-    previous = backend._active
-    try:
-        assert main(_micro_argv() + ["--vs-numpy", "--backend", "numba"]) == 0
-    finally:
-        backend._active = previous
-        backend._kernel_cache.clear()
+    assert main(_micro_argv("--vs-numpy", "--backend", "numba")) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["vs_numpy"]
     assert result["backend"] == "numba"
     assert result["ratio"] == pytest.approx(result["s_per_step_numpy"] / result["s_per_step_ours"])
     assert result["tokens_per_s_numpy"] == pytest.approx(2 * 16 / result["s_per_step_numpy"])
 
 
-def test_vs_numpy_needs_the_numba_backend(capsys):
-    previous = backend._active
-    try:
-        assert main(_micro_argv() + ["--vs-numpy", "--backend", "numpy"]) == 2
-    finally:
-        backend._active = previous
-        backend._kernel_cache.clear()
+def test_vs_numpy_needs_the_numba_backend(capsys, restored_backend):
+    assert main(_micro_argv("--vs-numpy", "--backend", "numpy")) == 2
     assert "add --backend numba" in capsys.readouterr().err

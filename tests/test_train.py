@@ -8,7 +8,7 @@ import pytest
 
 from minielectra import checkpoint as ckpt
 from minielectra import config as cfgmod
-from minielectra import electra, mlm, parallel, train
+from minielectra import mlm, parallel, train
 from minielectra.config import ElectraConfig, TrainConfig
 from model_checks import interrupting_bar, write_corpus
 
