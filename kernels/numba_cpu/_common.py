@@ -91,3 +91,47 @@ def _exp_overload(x):
     if x != types.float32:
         return None
     return lambda x: np.float32(exp_for_float32(np.float64(x)))
+
+
+@njit(cache=True, inline="always")
+def row_max(x, neg_inf):
+    """max(x) in four running maxima: a max is exact in any order, and four independent chains overlap in the CPU."""
+    m0 = m1 = m2 = m3 = neg_inf
+    T = x.shape[0]
+    for j in range(0, T - 3, 4):
+        m0, m1, m2, m3 = max(m0, x[j]), max(m1, x[j + 1]), max(m2, x[j + 2]), max(m3, x[j + 3])
+    for j in range(T - T % 4, T):
+        m0 = max(m0, x[j])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(cache=True, inline="always")
+def row_sum(x, zero):
+    """sum(x) in four interleaved partial sums: one running sum waits for each add in turn, four overlap (the
+    reference's pairwise sum is another order again, so agreement is to rounding either way). The sums have zero's
+    type: a float64 zero sums a float32 row in float64."""
+    s0 = s1 = s2 = s3 = zero
+    T = x.shape[0]
+    for j in range(0, T - 3, 4):
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+    for j in range(T - T % 4, T):
+        s0 += x[j]
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, inline="always")
+def row_dot(x, y, zero):
+    """sum(x * y) in four interleaved partial sums, as row_sum."""
+    s0 = s1 = s2 = s3 = zero
+    T = x.shape[0]
+    for j in range(0, T - 3, 4):
+        s0 += x[j] * y[j]
+        s1 += x[j + 1] * y[j + 1]
+        s2 += x[j + 2] * y[j + 2]
+        s3 += x[j + 3] * y[j + 3]
+    for j in range(T - T % 4, T):
+        s0 += x[j] * y[j]
+    return (s0 + s1) + (s2 + s3)

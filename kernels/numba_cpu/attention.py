@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import exp, float_dtype
+from kernels.numba_cpu._common import exp, float_dtype, row_dot, row_max, row_sum
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask
@@ -117,49 +117,6 @@ def _keep_row(kept, seed, counter, threshold):
         kept[j] = _keep(seed, counter, threshold)
 
 
-@njit(cache=True, inline="always")
-def _row_max(x, neg_inf):
-    """max(x) in four running maxima: a max is exact in any order, and four independent chains overlap in the CPU."""
-    m0 = m1 = m2 = m3 = neg_inf
-    T = x.shape[0]
-    for j in range(0, T - 3, 4):
-        m0, m1, m2, m3 = max(m0, x[j]), max(m1, x[j + 1]), max(m2, x[j + 2]), max(m3, x[j + 3])
-    for j in range(T - T % 4, T):
-        m0 = max(m0, x[j])
-    return max(max(m0, m1), max(m2, m3))
-
-
-@njit(cache=True, inline="always")
-def _row_sum(x, zero):
-    """sum(x) in four interleaved partial sums: one running sum waits for each add in turn, four overlap (the
-    reference's pairwise sum is another order again, so agreement is to rounding either way)."""
-    s0 = s1 = s2 = s3 = zero
-    T = x.shape[0]
-    for j in range(0, T - 3, 4):
-        s0 += x[j]
-        s1 += x[j + 1]
-        s2 += x[j + 2]
-        s3 += x[j + 3]
-    for j in range(T - T % 4, T):
-        s0 += x[j]
-    return (s0 + s1) + (s2 + s3)
-
-
-@njit(cache=True, inline="always")
-def _row_dot(x, y, zero):
-    """sum(x * y) in four interleaved partial sums, as _row_sum."""
-    s0 = s1 = s2 = s3 = zero
-    T = x.shape[0]
-    for j in range(0, T - 3, 4):
-        s0 += x[j] * y[j]
-        s1 += x[j + 1] * y[j + 1]
-        s2 += x[j + 2] * y[j + 2]
-        s3 += x[j + 3] * y[j + 3]
-    for j in range(T - T % 4, T):
-        s0 += x[j] * y[j]
-    return (s0 + s1) + (s2 + s3)
-
-
 @njit(cache=True, parallel=True, nogil=True)
 def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsum):
     # q, k, v (B*H, T, D); keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop;
@@ -182,7 +139,7 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsu
                 p = P[ii]  # (T,)
                 for j in range(T):
                     p[j] = p[j] * scale if kb[j] else -inf
-                m = _row_max(p, -inf)
+                m = row_max(p, -inf)
                 rowmax[bh, i] = m
                 if m == -inf:  # every key masked: no defined softmax, the reference's zeros
                     p[:] = zero
@@ -190,7 +147,7 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsu
                     continue
                 for j in range(T):
                     p[j] = exp(p[j] - m) if kb[j] else zero
-                tot = _row_sum(p, zero)
+                tot = row_sum(p, zero)
                 rowsum[bh, i] = tot
                 if use_drop:
                     _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
@@ -246,7 +203,7 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
                     _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):  # from dropped = p * keep / (1 - p_drop)
                         g[j] = g[j] * drop_scale if kept[j] else zero
-                dot = _row_dot(g, p, zero)
+                dot = row_dot(g, p, zero)
                 for j in range(T):  # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0
                     g[j] = p[j] * (g[j] - dot) * scale
                 if use_drop:
