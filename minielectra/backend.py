@@ -130,20 +130,26 @@ def describe():
     return line + (f"; BLAS: {blas}" if blas else "")
 
 
-def blas_library():
-    """'OpenBLAS 0.3.31, SkylakeX kernels': the BLAS NumPy's matmul calls and the kernels it chose for this CPU (its
-    GEMM rate depends on them: AVX-512 kernels run about twice as fast as AVX2 ones where the CPU has both, and
-    OPENBLAS_CORETYPE in the environment overrides the choice), or '' when threadpoolctl sees no BLAS. Of the BLAS
-    libraries loaded (SciPy and torch bring their own), NumPy's is the one under a "numpy" path."""
+def numpy_blas():
+    """threadpoolctl's record of the BLAS NumPy's matmul calls, or None when it sees none. Of the BLAS libraries
+    loaded (SciPy and torch bring their own), NumPy's is the one under a "numpy" path."""
     from threadpoolctl import threadpool_info
 
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     ours = [i for i in blas if "numpy" in i.get("filepath", "")] or blas
-    if not ours:
+    return ours[0] if ours else None
+
+
+def blas_library():
+    """'OpenBLAS 0.3.31, SkylakeX kernels': NumPy's BLAS and the kernels it chose for this CPU (its GEMM rate depends
+    on them: AVX-512 kernels run about twice as fast as AVX2 ones where the CPU has both, and OPENBLAS_CORETYPE in the
+    environment overrides the choice), or '' when there is none to see."""
+    info = numpy_blas()
+    if info is None:
         return ""
-    name = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(ours[0]["internal_api"], ours[0]["internal_api"])
-    arch = ours[0].get("architecture")
-    return f"{name} {ours[0]['version']}" + (f", {arch} kernels" if arch else "")
+    name = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(info["internal_api"], info["internal_api"])
+    arch = info.get("architecture")
+    return f"{name} {info['version']}" + (f", {arch} kernels" if arch else "")
 
 
 def synchronize(xp):

@@ -22,7 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from minielectra import backend
 from minielectra.electra import ratios
@@ -53,10 +53,8 @@ def threads_busy(threads):
 
 def blas_threads():
     """The number of threads NumPy's BLAS uses."""
-    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    # torch ships BLAS libraries of its own once imported: count the one that came with NumPy.
-    ours = [i for i in blas if "numpy" in i.get("filepath", "")] or blas
-    return int(ours[0]["num_threads"]) if ours else cores()
+    info = backend.numpy_blas()
+    return int(info["num_threads"]) if info else cores()
 
 
 def split(batch, shards):
