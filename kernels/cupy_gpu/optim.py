@@ -1,18 +1,61 @@
-"""CUDA kernel for `minielectra.optim.adamw_step`: one multi-tensor launch updates every parameter (optim.cu).
+"""CUDA kernels for `minielectra.optim` (adamw_step, clip_scale): one multi-tensor launch per dtype (optim.cu).
 
-The launcher builds, per dtype, device tables of the tensors' pointers (param, grad, m, v), sizes and weight decays,
-and a block table of CHUNK-sized slices; one launch then does the whole update, each element read once and written
-once. Same contract and arithmetic as the reference: params, state.m and state.v updated in place (so they must be
-C-contiguous), state.step += 1, 1 - beta formed in float64 and rounded once (as kernels/numba_cpu/optim.py does).
+clip_scale: one launch sums the squares of every gradient of a dtype in double, a partial sum per block, where the
+reference makes four CuPy launches per tensor (a float64 copy, its square, its sum, the running total): some 1,600
+for the small preset's 402 tensors, each costing microseconds of launch overhead however small its tensor.
+
+adamw_step: the launcher builds, per dtype, device tables of the tensors' pointers (param, grad, m, v), sizes and
+weight decays, and a block table of CHUNK-sized slices; one launch then does the whole update, each element read once
+and written once. Same contract and arithmetic as the reference: params, state.m and state.v updated in place (so
+they must be C-contiguous), state.step += 1, 1 - beta formed in float64 and rounded once (as
+kernels/numba_cpu/optim.py does).
 """
 
 import numpy as np
 
 from kernels.cupy_gpu import _common
-from minielectra.optim import _check_matching, no_decay
+from minielectra.optim import _check_matching, no_decay, norm_and_scale
 
 CHUNK = 8192  # elements per block
-THREADS = 256
+THREADS = 256  # threads per block; optim.cu's ME_SQ_THREADS, the size of sum_squares' tree
+
+
+def _blocks(sizes):
+    """The block table of tensors of `sizes` (none empty): (tensor index, first element) of each CHUNK-sized slice,
+    as device arrays."""
+    xp = _common.runtime().xp
+    chunks = -(-sizes // CHUNK)
+    block_tensor = np.repeat(np.arange(len(sizes), dtype=np.int32), chunks)
+    block_start = np.concatenate([np.arange(c, dtype=np.int64) * CHUNK for c in chunks])
+    return xp.asarray(block_tensor), xp.asarray(block_start)
+
+
+def clip_scale(grads, max_norm):
+    """Same contract as minielectra.optim.clip_scale: (global_norm, scale), here 0-d device arrays computed on the
+    device, as the reference's are for device gradients."""
+    keys = sorted(grads)  # the reference's order of tensors
+    _common.require_device_arrays("clip_scale", "minielectra.optim.clip_scale",
+                                  **{"grads[" + k + "]": grads[k] for k in keys})
+    rt = _common.runtime()
+    xp = rt.xp
+    groups = {}
+    for k in keys:
+        if grads[k].dtype not in (np.float32, np.float64):
+            raise TypeError(f"clip_scale kernel: grads[{k!r}] is {grads[k].dtype}; gradients must be float32 or "
+                            "float64")
+        if grads[k].size:
+            groups.setdefault(np.dtype(grads[k].dtype), []).append(k)
+    total = xp.zeros((), np.float64)
+    for dt, ks in groups.items():
+        gs = [xp.ascontiguousarray(grads[k]) for k in ks]  # kept alive until the launch is queued
+        block_tensor, block_start = _blocks(np.array([g.size for g in gs], np.int64))
+        partial = xp.empty(len(block_tensor), np.float64)
+        _common.launch("optim", f"sum_squares_{_common.suffix(dt)}", (len(block_tensor),), (THREADS,),
+                       (xp.asarray(np.array([rt.ptr(g) for g in gs], np.uint64)),
+                        xp.asarray(np.array([g.size for g in gs], np.int64)), block_tensor, block_start,
+                        np.int64(CHUNK), partial))
+        total = total + partial.sum()
+    return norm_and_scale(total, max_norm)
 
 
 def check_step(params, grads, state):
@@ -57,14 +100,12 @@ def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
             for name, arrays in (("p", [params[k] for k in keys]), ("g", gs), ("m", [state.m[k] for k in keys]),
                                  ("v", [state.v[k] for k in keys]))}
         wds = np.array([0.0 if no_decay(k) else config.weight_decay for k in keys], dt)
-        chunks = -(-sizes // CHUNK)
-        block_tensor = np.repeat(np.arange(len(keys), dtype=np.int32), chunks)
-        block_start = np.concatenate([np.arange(c, dtype=np.int64) * CHUNK for c in chunks])
+        block_tensor, block_start = _blocks(sizes)
         # grad_scale may be clip_scale's 0-d device array: the kernel reads it through a pointer, so it never crosses
         # to the host (a host float is copied up, which does not wait for the device).
         scale = xp.asarray(grad_scale, dtype=dt).reshape(1)
         _common.launch("optim", f"adamw_step_{_common.suffix(dt)}", (len(block_tensor),), (THREADS,),
                        (tables["p"], tables["g"], tables["m"], tables["v"], xp.asarray(sizes), xp.asarray(wds),
-                        xp.asarray(block_tensor), xp.asarray(block_start), np.int64(CHUNK), t(lr), scale,
+                        block_tensor, block_start, np.int64(CHUNK), t(lr), scale,
                         t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon)))
     state.step += 1

@@ -300,6 +300,24 @@ def test_adamw_matches_reference(runtime, seed, dtype, n, scale, mag):
         assert_close(r.host(mine[k]), params[k], name=k)
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
+@given(seed=SEEDS, sizes=st.lists(st.integers(0, 20000), min_size=1, max_size=4), mag=st.sampled_from([1.0, 1000.0]),
+       mixed=st.booleans())
+def test_clip_scale_matches_reference(runtime, seed, sizes, mag, mixed):
+    """Tensors of several blocks, empty ones, and float32 beside float64 (one launch per dtype)."""
+    rng = np.random.default_rng(seed)
+    dtypes = [np.float64 if mixed and i % 2 else np.float32 for i in range(len(sizes))]
+    grads = {f"p{i}": (rng.standard_normal(n) * mag).astype(dt) for i, (n, dt) in enumerate(zip(sizes, dtypes))}
+    norm_ref, scale_ref = ref_optim.clip_scale(grads, 1.0)
+    with Runtime(runtime) as r:
+        norm, scale = (float(r.host(a)) for a in ko.clip_scale({k: r.dev(g) for k, g in grads.items()}, 1.0))
+    # The same float64 squares added in other orders: a sum of n non-negative terms is within n eps of the exact one.
+    bound = (sum(sizes) + 1) * np.finfo(np.float64).eps
+    assert abs(norm - norm_ref) <= bound * norm_ref
+    assert abs(scale - scale_ref) <= 2 * bound * scale_ref
+
+
 # ---- a whole training step on the GPU ---------------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -25,23 +25,10 @@ from minielectra.optim import adamw_init
 f32 = np.float32
 
 
-# Ops a CUDA kernel does not replace (dispatch runs the reference on the GPU): clip_scale's reference is three CuPy
-# reductions per tensor, while on the CPU it sat on every step's critical path (kernels/numba_cpu/optim.py).
-NUMBA_ONLY = {"clip_scale"}
-
-
-def _cuda_module(op):
-    return importlib.import_module("kernels.cupy_gpu." + backend._OP_MODULES[op].rsplit(".", 1)[1])
-
-
-def test_every_op_but_the_numba_only_ones_has_a_cuda_kernel():
-    assert {op for op in backend._OP_MODULES if not hasattr(_cuda_module(op), op)} == NUMBA_ONLY
-
-
-@pytest.mark.parametrize("op", sorted(set(backend._OP_MODULES) - NUMBA_ONLY))
+@pytest.mark.parametrize("op", sorted(backend._OP_MODULES))
 def test_same_names_and_signatures_as_the_reference(op):
     reference = getattr(importlib.import_module(backend._OP_MODULES[op]), op)
-    module = _cuda_module(op)
+    module = importlib.import_module("kernels.cupy_gpu." + backend._OP_MODULES[op].rsplit(".", 1)[1])
     kernel = getattr(module, op)
     assert inspect.signature(kernel) == inspect.signature(reference)
     assert backend._OP_MODULES[op] in module.__doc__  # the docstring names the reference it replaces
