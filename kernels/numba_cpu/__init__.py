@@ -5,8 +5,50 @@ region. On a laptop's few cores they then steal the CPU from the BLAS threads of
 measured on 2 cores, a (4096, 128) @ (128, 512) GEMM right after a tiny parallel kernel took 8.7 ms instead of 2.9 ms.
 A PASSIVE wait policy makes them sleep instead (3.2 ms). It must be set before the OpenMP runtime starts, that is
 before the first parallel kernel runs, which importing this package precedes; a value the user set is kept.
+
+Compiled kernels are cached (`cache=True`) in __pycache__, and Numba reuses a kernel's cache while the kernel's own file
+is unchanged. Every kernel compiles in helpers from _common.py (exp, the row sums) and constants from the reference
+ops (the dropout hash's), so an edit there alone would leave the cached kernels running the old code.
+`drop_stale_caches` keeps a digest of those sources beside the caches and drops every cached kernel when it changes.
 """
 
+import hashlib
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+STAMP = "kernel-sources.sha256"
+
+
+def sources(package=Path(__file__).parent):
+    """The files the kernels compile from: this package's and the reference ops' (minielectra/ops)."""
+    import minielectra.ops
+
+    ops = Path(minielectra.ops.__file__).parent
+    return sorted(package.glob("*.py")) + sorted(ops.glob("*.py"))
+
+
+def drop_stale_caches(package=Path(__file__).parent, files=None):
+    """Delete the Numba caches (*.nbi, *.nbc) in package/__pycache__ unless they were compiled from the current
+    `files` (default: sources()), and record their digest. Does nothing where __pycache__ cannot be written (Numba
+    then caches elsewhere or not at all)."""
+    files = sources(package) if files is None else files
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+    cache = package / "__pycache__"
+    stamp = cache / STAMP
+    try:
+        if stamp.read_text() == digest:
+            return
+    except OSError:
+        pass
+    try:
+        cache.mkdir(exist_ok=True)
+        for f in [*cache.glob("*.nbi"), *cache.glob("*.nbc")]:
+            f.unlink(missing_ok=True)
+        stamp.write_text(digest)
+    except OSError:
+        return
+
+
+drop_stale_caches()

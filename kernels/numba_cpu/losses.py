@@ -20,7 +20,6 @@ from minielectra.ops.losses import as_weights, check_sigmoid_ce_args, check_soft
 @njit(cache=True, parallel=True, nogil=True)
 def _softmax_ce(logits, targets, w, denom, one, wlogp, dlogits):
     N, V = logits.shape
-    zero = one - one
     for i in prange(N):
         m = row_max(logits[i], logits[i, 0])
         for j in range(V):  # exp(x - max) parked in dlogits: the row stays in cache for the next passes
