@@ -181,8 +181,6 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
         Gbuf = np.empty((rows, T), q.dtype)  # d(dropped), then dprobs, then dscores
         kept = np.empty(T, np.bool_)
         part = np.empty((T, D), q.dtype)  # one block's share of dk or dv
-        dk[bh] = zero
-        dv[bh] = zero
         for r0 in range(0, T, br):
             n = min(br, T - r0)
             P, G = Pbuf[:n], Gbuf[:n]
@@ -209,11 +207,18 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
                 if use_drop:
                     for j in range(T):
                         p[j] = p[j] * drop_scale if kept[j] else zero
-            np.dot(P.T, gb, part)  # from out = dropped @ v
-            _add_into(dv[bh], part)
+            # dv and dk sum over the blocks: the first block's share is written in place, the others added to it
+            if r0 == 0:
+                np.dot(P.T, gb, dv[bh])  # from out = dropped @ v
+            else:
+                np.dot(P.T, gb, part)
+                _add_into(dv[bh], part)
             np.dot(G, k[bh], dq[bh, r0:r0 + n])  # from scores = q @ k^T * scale
-            np.dot(G.T, qb, part)
-            _add_into(dk[bh], part)
+            if r0 == 0:
+                np.dot(G.T, qb, dk[bh])
+            else:
+                np.dot(G.T, qb, part)
+                _add_into(dk[bh], part)
 
 
 def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
