@@ -128,6 +128,7 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsu
     zero = scale - scale
     for bh in prange(BH):
         kb = keys[bh // H]  # (T,)
+        all_real = kb.all()
         scratch = np.empty((min(br, T), T), q.dtype)
         kept = np.empty(T, np.bool_)
         for r0 in range(0, T, br):
@@ -137,16 +138,23 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsu
             for ii in range(n):
                 i = r0 + ii
                 p = P[ii]  # (T,)
-                for j in range(T):
-                    p[j] = p[j] * scale if kb[j] else -inf
-                m = row_max(p, -inf)
+                # The max of the scaled scores is the scaled max of the scores: rounding a product by scale > 0 keeps
+                # the order, so one pass finds it without writing the scaled row.
+                if all_real:
+                    m = row_max(p, -inf) * scale
+                else:
+                    m = -inf
+                    for j in range(T):
+                        if kb[j]:
+                            m = max(m, p[j])
+                    m = m * scale
                 rowmax[bh, i] = m
                 if m == -inf:  # every key masked: no defined softmax, the reference's zeros
                     p[:] = zero
                     rowsum[bh, i] = zero
                     continue
                 for j in range(T):
-                    p[j] = exp(p[j] - m) if kb[j] else zero
+                    p[j] = exp(p[j] * scale - m) if kb[j] else zero
                 tot = row_sum(p, zero)
                 rowsum[bh, i] = tot
                 if use_drop:
