@@ -25,6 +25,8 @@ def _faults(mode):
 @pytest.mark.skipif(not ON_GLIBC, reason="mallopt is glibc's")
 def test_kept_memory_is_reused_without_page_faults():
     default, kept = _faults("default"), _faults("keep")
+    if max(default[1:]) < 500:  # e.g. transparent huge pages for all memory: 2 MB faults, a handful per round
+        pytest.skip(f"this system does not fault a returned heap back in 4 KB at a time (default rounds: {default})")
     assert min(default[1:]) > 500  # every round faults its 4 MB (about 1,000 pages) in again: the cost at stake
     assert max(kept[1:]) < 50  # the first round faults its pages in once; the others reuse them
 
