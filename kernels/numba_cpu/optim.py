@@ -35,7 +35,8 @@ def _sum_chunk(g, acc, lo, hi):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _sum_squares(g, partial):
-    # g (n,) flat; partial (chunks, _LANES) float64: chunk c owns row c and the entries [c n / chunks, (c+1) n / chunks).
+    # g (n,) flat; partial (chunks, _LANES) float64: chunk c owns row c and the entries
+    # [c n / chunks, (c+1) n / chunks).
     n = g.size
     chunks = partial.shape[0]
     for c in prange(chunks):

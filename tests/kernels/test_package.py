@@ -15,18 +15,22 @@ def test_caches_are_kept_until_a_source_changes(tmp_path):
     cache.mkdir()
     compiled = [cache / "attention._forward-1.py311.nbi", cache / "attention._forward-1.py311.1.nbc"]
 
+    def drop():  # what importing the package does
+        drop_stale_caches(tmp_path, sorted(tmp_path.glob("*.py")))
+
     def compile_kernels():
         for f in compiled:
             f.write_bytes(b"compiled")
 
-    drop_stale_caches(tmp_path, sorted(tmp_path.glob("*.py")))  # first import: no digest yet, so nothing cached can be trusted
+    # The first import: no digest yet, so nothing cached can be trusted.
+    drop()
     compile_kernels()
-    drop_stale_caches(tmp_path, sorted(tmp_path.glob("*.py")))  # the next process, sources unchanged: the caches stay
+    drop()  # the next process, sources unchanged: the caches stay
     assert all(f.exists() for f in compiled)
     (tmp_path / "_common.py").write_text("def exp(x): return 1\n")  # an edit in the shared helpers only
-    drop_stale_caches(tmp_path, sorted(tmp_path.glob("*.py")))
+    drop()
     assert not any(f.exists() for f in compiled)
     assert (cache / STAMP).exists()
     compile_kernels()
-    drop_stale_caches(tmp_path, sorted(tmp_path.glob("*.py")))
+    drop()
     assert all(f.exists() for f in compiled)
