@@ -48,12 +48,12 @@ def clip_scale(grads, max_norm):
     total = xp.zeros((), np.float64)
     for dt, ks in groups.items():
         gs = [xp.ascontiguousarray(grads[k]) for k in ks]  # kept alive until the launch is queued
-        block_tensor, block_start = _blocks(np.array([g.size for g in gs], np.int64))
+        sizes = np.array([g.size for g in gs], np.int64)
+        block_tensor, block_start = _blocks(sizes)
         partial = xp.empty(len(block_tensor), np.float64)
         _common.launch("optim", f"sum_squares_{_common.suffix(dt)}", (len(block_tensor),), (THREADS,),
-                       (xp.asarray(np.array([rt.ptr(g) for g in gs], np.uint64)),
-                        xp.asarray(np.array([g.size for g in gs], np.int64)), block_tensor, block_start,
-                        np.int64(CHUNK), partial))
+                       (xp.asarray(np.array([rt.ptr(g) for g in gs], np.uint64)), xp.asarray(sizes), block_tensor,
+                        block_start, np.int64(CHUNK), partial))
         total = total + partial.sum()
     return norm_and_scale(total, max_norm)
 
