@@ -215,6 +215,8 @@ _OP_MODULES = {
     "attention_backward": "minielectra.ops.attention",
     "layernorm_forward": "minielectra.ops.layernorm",
     "layernorm_backward": "minielectra.ops.layernorm",
+    "dropout_add_layernorm_forward": "minielectra.ops.layernorm",
+    "dropout_add_layernorm_backward": "minielectra.ops.layernorm",
     "bias_gelu_forward": "minielectra.ops.activations",
     "bias_gelu_backward": "minielectra.ops.activations",
     "softmax_cross_entropy": "minielectra.ops.losses",

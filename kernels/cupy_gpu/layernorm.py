@@ -1,15 +1,20 @@
-"""CUDA kernels for `minielectra.ops.layernorm` (layernorm_forward, layernorm_backward): launcher of layernorm.cu.
+"""CUDA kernels for `minielectra.ops.layernorm` (layernorm_forward, layernorm_backward,
+dropout_add_layernorm_forward, dropout_add_layernorm_backward): launcher of layernorm.cu.
 
 One warp per row with warp-shuffle sums for the forward and dx; dgamma and dbeta as fixed per-block partial sums
 that are then summed (deterministic). The cache is the reference's LayerNormCache (xhat, rstd, gamma), so either
 backward accepts either forward's cache. float32 and float64.
+
+The sublayer end LN(residual + dropout(x)) runs the reference's hashed dropout and sum as CuPy elementwise code on the
+device, then the layer norm kernel: fused on the CPU (where a pass over memory is what costs), composed here.
 """
 
 import numpy as np
 
 from kernels.cupy_gpu import _common
 from minielectra.ops import checks
-from minielectra.ops.layernorm import LAYER_NORM_EPS, LayerNormCache
+from minielectra.ops import dropout as _dropout
+from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache
 
 WARPS_PER_BLOCK = 4  # rows per block of the row kernels
 PARTIAL_THREADS = 256
@@ -82,3 +87,24 @@ def layernorm_backward(dout, cache):
     _common.launch("layernorm", f"layernorm_backward_partials_{sfx}", (P, -(-C // PARTIAL_THREADS)),
                    (PARTIAL_THREADS,), (g2, h2, pg, pb, np.int64(N), np.int32(C)))
     return dx.reshape(dout.shape), pg.sum(axis=0), pb.sum(axis=0)
+
+
+def dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
+    """x, residual (..., C), gamma, beta (C,) -> LN(residual + dropout(x)) (..., C)."""
+    checks.float_array("x", x)
+    checks.float_array("residual", residual)
+    checks.shape("residual", residual, x.shape, "(..., C) like x")
+    checks.probability("p", p)
+    _common.require_device_arrays("dropout_add_layernorm_forward",
+                                  "minielectra.ops.layernorm.dropout_add_layernorm_forward", x=x, residual=residual)
+    threshold = _dropout.drop_threshold(p) if train else 0
+    seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
+    drop_scale = 1.0 / (1.0 - p)
+    y, ln = layernorm_forward(residual + _dropout.hashed_dropout(x, seed, threshold, drop_scale), gamma, beta, eps)
+    return y, DropoutAddNormCache(ln, seed, threshold, drop_scale)
+
+
+def dropout_add_layernorm_backward(dout, cache):
+    """Inverts `y = LN(s)`, `s = residual + x * keep * drop_scale` -> dx, dresidual, dgamma, dbeta."""
+    ds, dgamma, dbeta = layernorm_backward(dout, cache.ln)
+    return _dropout.hashed_dropout(ds, cache.seed, cache.threshold, cache.drop_scale), ds, dgamma, dbeta

@@ -1,4 +1,5 @@
-"""Helpers shared by the Numba CPU kernels: dtype resolution and the fixed chunking of race-free reductions."""
+"""Helpers shared by the Numba CPU kernels: dtype resolution, the fixed chunking of race-free reductions, exp, row
+reductions and the counter-based dropout hash."""
 
 import math
 
@@ -6,6 +7,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
+
+from minielectra.ops import dropout as _dropout
 
 # Reductions over rows (dgamma, dbeta, db, loss sums) are split into at most this many chunks, each written by one
 # prange iteration into its own row of a (chunks, C) partial array and summed afterwards. A fixed count (not the thread
@@ -135,3 +138,32 @@ def row_dot(x, y, zero):
     for j in range(T - T % 4, T):
         s0 += x[j] * y[j]
     return (s0 + s1) + (s2 + s3)
+
+
+# The dropout hash (minielectra.ops.dropout.hashed_keep_mask) for one entry at a time, so a kernel decides dropout
+# inside its own loops and recomputes the same mask in its backward from the seed alone. Its constants as uint64
+# scalars: numba freezes them as uint64, and uint64 op uint64 stays uint64 (mixing in an int64 would promote to
+# float64 and lose the low bits).
+_GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (_dropout.HASH_GOLDEN, _dropout.HASH_MIX1, _dropout.HASH_MIX2))
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_S_TOP = np.uint64(64 - _dropout.HASH_KEEP_BITS)
+_ONE = np.uint64(1)
+
+
+@njit(cache=True, inline="always")
+def keep(seed, counter, threshold):
+    """hashed_keep_mask for one entry: counter = flat index + 1 (uint64), seed and threshold uint64."""
+    z = seed + counter * _GOLDEN
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    z = z ^ (z >> _S31)
+    return (z >> _S_TOP) >= threshold
+
+
+@njit(cache=True, inline="always")
+def keep_row(kept, seed, counter, threshold):
+    """kept[j] = the keep bit of flat index counter + j. A loop of its own: LLVM vectorises the integer hash here, where
+    beside an exp call it would run one entry at a time."""
+    for j in range(kept.shape[0]):
+        counter += _ONE  # the hash counts from flat index + 1
+        kept[j] = keep(seed, counter, threshold)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import exp, float_dtype, row_dot, row_max, row_sum
+from kernels.numba_cpu._common import exp, float_dtype, keep_row, row_dot, row_max, row_sum
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask
@@ -42,13 +42,6 @@ from minielectra.ops.softmax import softmax_forward
 # (B 8, H 2, D 64, 2 cores) forward + backward took 20.9 ms with 64 rows, 19.3 with 128 and 16.9 with 256; at T = 128
 # the three are within 5 %. The kernels take it as an argument, so the tests can run small blocks on small inputs.
 BR = 256
-
-# The hash's constants as uint64 scalars: numba freezes them as uint64, and uint64 op uint64 stays uint64 (mixing in
-# an int64 would promote to float64 and lose the low bits).
-_GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (_dropout.HASH_GOLDEN, _dropout.HASH_MIX1, _dropout.HASH_MIX2))
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_S_TOP = np.uint64(64 - _dropout.HASH_KEEP_BITS)
-_ONE = np.uint64(1)
 
 _blas_controller = []
 
@@ -67,16 +60,6 @@ def _one_blas_thread():
             _blas_controller.append(ThreadpoolController())
     controller = _blas_controller[0]
     return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
-
-
-@njit(cache=True, inline="always")
-def _keep(seed, counter, threshold):
-    """hashed_keep_mask for one entry: counter = flat index + 1 (uint64), seed and threshold uint64."""
-    z = seed + counter * _GOLDEN
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    z = z ^ (z >> _S31)
-    return (z >> _S_TOP) >= threshold
 
 
 class AttentionKernelCache(NamedTuple):
@@ -106,15 +89,6 @@ class AttentionKernelCache(NamedTuple):
             return None
         B, H, T, _ = self.q.shape
         return _dropout.hashed_keep_mask(np, self.seed, (B, H, T, T), self.threshold)
-
-
-@njit(cache=True, inline="always")
-def _keep_row(kept, seed, counter, threshold):
-    """kept[j] = the keep bit of flat index counter + j. A loop of its own: LLVM vectorises the integer hash here, where
-    beside an exp call it would run one entry at a time."""
-    for j in range(kept.shape[0]):
-        counter += _ONE  # the hash counts from flat index + 1
-        kept[j] = _keep(seed, counter, threshold)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -158,7 +132,7 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsu
                 tot = row_sum(p, zero)
                 rowsum[bh, i] = tot
                 if use_drop:
-                    _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
+                    keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):
                         p[j] = p[j] / tot * drop_scale if kept[j] else zero
                 else:
@@ -206,7 +180,7 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
                 for j in range(T):  # the forward's weights, by the forward's operations
                     p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
                 if use_drop:
-                    _keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
+                    keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):  # from dropped = p * keep / (1 - p_drop)
                         g[j] = g[j] * drop_scale if kept[j] else zero
                 dot = row_dot(g, p, zero)

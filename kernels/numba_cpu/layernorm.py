@@ -1,95 +1,184 @@
-"""Numba CPU kernels for `minielectra.ops.layernorm` (layernorm_forward, layernorm_backward).
+"""Numba CPU kernels for `minielectra.ops.layernorm` (layernorm_forward, layernorm_backward,
+dropout_add_layernorm_forward, dropout_add_layernorm_backward).
 
-Same names, signatures, caches (the reference's `LayerNormCache(xhat, rstd, gamma)`) and results as the reference, so
-a forward from either implementation can be inverted by the backward of the other. Rows run in a prange; each row is
-one pass for the mean, one for the variance and one writing xhat and the output. dgamma and dbeta are reduced
-race-free: each prange iteration owns a chunk of rows and a row of a (chunks, C) partial-sum array.
+Same names, signatures, caches (the reference's `LayerNormCache(xhat, rstd, gamma)` and `DropoutAddNormCache`) and
+results as the reference, so a forward from either implementation can be inverted by the backward of the other. Rows
+run in a prange; each row is one pass for the mean, one for the variance and one writing xhat and the output. dgamma
+and dbeta are reduced race-free: each prange iteration owns a chunk of rows and a row of a (chunks, C) partial-sum
+array.
+
+The fused sublayer end LN(residual + dropout(x)) writes the sum straight into the row's xhat (which the normalisation
+then overwrites in place), deciding each dropout entry by the reference's hash (`_common.keep`); its backward writes
+dresidual as the layer norm's dx and, in the same row loop, dx through the recomputed mask. The reference makes
+separate passes for the mask, the scale, the product, the sum and the layer norm, and again for the mask in the
+backward.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import as_2d, float_dtype, n_chunks
+from kernels.numba_cpu._common import _ONE, as_2d, float_dtype, keep, n_chunks
 from minielectra.ops import checks
-from minielectra.ops.layernorm import LAYER_NORM_EPS, LayerNormCache
+from minielectra.ops import dropout as _dropout
+from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache
+
+
+@njit(cache=True, inline="always")
+def _normalise_row(s, gamma, beta, eps, one, fC, y, xhat):
+    """y, xhat of one row s (which may be xhat itself: each entry is read before it is written); returns rstd."""
+    C = s.shape[0]
+    zero = one - one
+    t = zero
+    for j in range(C):
+        t += s[j]
+    mean = t / fC
+    t = zero
+    for j in range(C):
+        sc = s[j] - mean
+        t += sc * sc
+    r = one / np.sqrt(t / fC + eps)  # biased variance, as the reference
+    for j in range(C):
+        xh = (s[j] - mean) * r
+        xhat[j] = xh
+        y[j] = xh * gamma[j] + beta[j]
+    return r
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _forward(x, gamma, beta, eps, one, fC, y, xhat, rstd):
+    for i in prange(x.shape[0]):
+        rstd[i] = _normalise_row(x[i], gamma, beta, eps, one, fC, y[i], xhat[i])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _dropout_add_forward(x, residual, gamma, beta, eps, one, fC, seed, threshold, drop_scale, y, xhat, rstd):
+    # threshold 0 keeps every entry (the reference then adds x unscaled; drop_scale is 1 then)
     N, C = x.shape
     zero = one - one
     for i in prange(N):
-        s = zero
+        s = xhat[i]
+        counter = np.uint64(i * C)
         for j in range(C):
-            s += x[i, j]
-        mean = s / fC
-        s = zero
-        for j in range(C):
-            xc = x[i, j] - mean
-            s += xc * xc
-        r = one / np.sqrt(s / fC + eps)  # biased variance, as the reference
-        rstd[i] = r
-        for j in range(C):
-            xh = (x[i, j] - mean) * r
-            xhat[i, j] = xh
-            y[i, j] = xh * gamma[j] + beta[j]
+            counter += _ONE  # the hash counts from flat index + 1
+            s[j] = residual[i, j] + (x[i, j] * drop_scale if keep(seed, counter, threshold) else zero)
+        rstd[i] = _normalise_row(s, gamma, beta, eps, one, fC, y[i], xhat[i])
+
+
+@njit(cache=True, inline="always")
+def _backward_row(d, xh, r, gamma, fC, dx, pgamma, pbeta):
+    """dx of one row, r * (g - mean(g) - xh * mean(g * xh)) with g = d * gamma, and its dgamma, dbeta shares added
+    into the chunk's partial rows."""
+    C = d.shape[0]
+    zero = fC - fC
+    sg = zero
+    sgx = zero
+    for j in range(C):
+        g = d[j] * gamma[j]
+        sg += g
+        sgx += g * xh[j]
+    mg = sg / fC
+    mgx = sgx / fC
+    for j in range(C):
+        dx[j] = r * (d[j] * gamma[j] - mg - xh[j] * mgx)
+        pgamma[j] += d[j] * xh[j]
+        pbeta[j] += d[j]
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _backward(dout, xhat, rstd, gamma, fC, dx, pgamma, pbeta):
+    N = dout.shape[0]
+    chunks = pgamma.shape[0]
+    for c in prange(chunks):
+        for i in range(c * N // chunks, (c + 1) * N // chunks):
+            _backward_row(dout[i], xhat[i], rstd[i], gamma, fC, dx[i], pgamma[c], pbeta[c])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _dropout_add_backward(dout, xhat, rstd, gamma, fC, seed, threshold, drop_scale, dx, dresidual, pgamma, pbeta):
     N, C = dout.shape
     chunks = pgamma.shape[0]
     zero = fC - fC
     for c in prange(chunks):
         for i in range(c * N // chunks, (c + 1) * N // chunks):
-            sg = zero
-            sgx = zero
+            ds = dresidual[i]
+            _backward_row(dout[i], xhat[i], rstd[i], gamma, fC, ds, pgamma[c], pbeta[c])
+            counter = np.uint64(i * C)
             for j in range(C):
-                g = dout[i, j] * gamma[j]
-                sg += g
-                sgx += g * xhat[i, j]
-            mg = sg / fC
-            mgx = sgx / fC
-            r = rstd[i]
-            for j in range(C):
-                d = dout[i, j]
-                xh = xhat[i, j]
-                dx[i, j] = r * (d * gamma[j] - mg - xh * mgx)
-                pgamma[c, j] += d * xh
-                pbeta[c, j] += d
+                counter += _ONE
+                dx[i, j] = ds[j] * drop_scale if keep(seed, counter, threshold) else zero
+
+
+def _check_params(gamma, beta, C):
+    checks.param("gamma", gamma, (C,), "(C,)")
+    checks.param("beta", beta, (C,), "(C,)")
 
 
 def layernorm_forward(x, gamma, beta, eps=LAYER_NORM_EPS):
     """x (..., C), gamma (C,), beta (C,) -> (..., C)."""
     checks.float_array("x", x)
     C = x.shape[-1]
-    checks.param("gamma", gamma, (C,), "(C,)")
-    checks.param("beta", beta, (C,), "(C,)")
+    _check_params(gamma, beta, C)
     dt = float_dtype(x, gamma, beta)
     x2 = as_2d(x, dt)  # (N, C)
     N = x2.shape[0]
-    g = np.ascontiguousarray(gamma, dtype=dt)
-    y = np.empty((N, C), dt)
-    xhat = np.empty((N, C), dt)
-    rstd = np.empty(N, dt)
-    _forward(x2, g, np.ascontiguousarray(beta, dtype=dt), dt.type(eps), dt.type(1), dt.type(C), y, xhat, rstd)
+    y, xhat, rstd = np.empty((N, C), dt), np.empty((N, C), dt), np.empty(N, dt)
+    _forward(x2, np.ascontiguousarray(gamma, dtype=dt), np.ascontiguousarray(beta, dtype=dt), dt.type(eps),
+             dt.type(1), dt.type(C), y, xhat, rstd)
     shape = x.shape
     return y.reshape(shape), LayerNormCache(xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,)), gamma)
 
 
-def layernorm_backward(dout, cache):
-    """Inverts `out = xhat * gamma + beta`: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * gamma."""
-    xhat, rstd, gamma = cache
+def _backward_args(dout, ln):
+    """dout and the LayerNormCache as the 2-D, one-dtype arrays the backward kernels take -> (dt, N, C, args)."""
+    xhat, rstd, gamma = ln
     checks.float_array("dout", dout)
     checks.shape("dout", dout, xhat.shape, "(..., C) like the forward's x")
     C = xhat.shape[-1]
     dt = float_dtype(dout, xhat, gamma)
     d2 = as_2d(dout, dt)  # (N, C)
     N = d2.shape[0]
+    args = (d2, as_2d(xhat, dt), np.ascontiguousarray(rstd, dtype=dt).reshape(N), np.ascontiguousarray(gamma, dtype=dt),
+            dt.type(C))
+    return dt, N, C, args
+
+
+def layernorm_backward(dout, cache):
+    """Inverts `out = xhat * gamma + beta`: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * gamma."""
+    dt, N, C, args = _backward_args(dout, cache)
     dx = np.empty((N, C), dt)
-    chunks = n_chunks(N)
-    pgamma = np.zeros((chunks, C), dt)
-    pbeta = np.zeros((chunks, C), dt)
-    _backward(d2, as_2d(xhat, dt), np.ascontiguousarray(rstd, dtype=dt).reshape(N),
-              np.ascontiguousarray(gamma, dtype=dt), dt.type(C), dx, pgamma, pbeta)
+    pgamma, pbeta = np.zeros((n_chunks(N), C), dt), np.zeros((n_chunks(N), C), dt)
+    _backward(*args, dx, pgamma, pbeta)
     return dx.reshape(dout.shape), pgamma.sum(axis=0), pbeta.sum(axis=0)
+
+
+def dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
+    """x, residual (..., C), gamma, beta (C,) -> LN(residual + dropout(x)) (..., C)."""
+    checks.float_array("x", x)
+    checks.float_array("residual", residual)
+    checks.shape("residual", residual, x.shape, "(..., C) like x")
+    checks.probability("p", p)
+    C = x.shape[-1]
+    _check_params(gamma, beta, C)
+    threshold = _dropout.drop_threshold(p) if train else 0
+    seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
+    drop_scale = 1.0 / (1.0 - p)
+    dt = float_dtype(x, residual, gamma, beta)
+    x2 = as_2d(x, dt)  # (N, C)
+    N = x2.shape[0]
+    y, xhat, rstd = np.empty((N, C), dt), np.empty((N, C), dt), np.empty(N, dt)
+    _dropout_add_forward(x2, as_2d(residual, dt), np.ascontiguousarray(gamma, dtype=dt),
+                         np.ascontiguousarray(beta, dtype=dt), dt.type(eps), dt.type(1), dt.type(C), np.uint64(seed),
+                         np.uint64(threshold), dt.type(drop_scale if threshold else 1.0), y, xhat, rstd)
+    shape = x.shape
+    ln = LayerNormCache(xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,)), gamma)
+    return y.reshape(shape), DropoutAddNormCache(ln, seed, threshold, drop_scale)
+
+
+def dropout_add_layernorm_backward(dout, cache):
+    """Inverts `y = LN(s)`, `s = residual + x * keep * drop_scale` -> dx, dresidual, dgamma, dbeta."""
+    dt, N, C, args = _backward_args(dout, cache.ln)
+    dx, dresidual = np.empty((N, C), dt), np.empty((N, C), dt)
+    pgamma, pbeta = np.zeros((n_chunks(N), C), dt), np.zeros((n_chunks(N), C), dt)
+    _dropout_add_backward(*args, np.uint64(cache.seed), np.uint64(cache.threshold),
+                          dt.type(cache.drop_scale if cache.threshold else 1.0), dx, dresidual, pgamma, pbeta)
+    return dx.reshape(dout.shape), dresidual.reshape(dout.shape), pgamma.sum(axis=0), pbeta.sum(axis=0)

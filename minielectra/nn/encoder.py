@@ -79,6 +79,21 @@ def norm_backward(dout, cache, grads, prefix):
     return dx
 
 
+def add_norm_forward(params, prefix, x, residual, d, train, rng):
+    """LN(residual + dropout(x)) with the LayerNorm `<prefix>.weight` / `<prefix>.bias`: a sublayer's closing line."""
+    return dispatch("dropout_add_layernorm_forward", x)(
+        x, residual, params[f"{prefix}.weight"], params[f"{prefix}.bias"], d.hidden_dropout, rng, train,
+        d.layer_norm_eps)
+
+
+def add_norm_backward(dout, cache, grads, prefix):
+    """-> (dx, dresidual) of add_norm_forward, the LayerNorm's gradients added into grads."""
+    dx, dresidual, dgamma, dbeta = dispatch("dropout_add_layernorm_backward", dout)(dout, cache)
+    grads[f"{prefix}.weight"] += dgamma
+    grads[f"{prefix}.bias"] += dbeta
+    return dx, dresidual
+
+
 def dense_forward(params, prefix, x):
     """The linear layer `<prefix>.weight` (in, out) / `<prefix>.bias`."""
     return linear_forward(x, params[f"{prefix}.weight"], params[f"{prefix}.bias"])
@@ -127,13 +142,11 @@ def embeddings_backward(dout, cache, grads, prefix):
 
 class LayerCache(NamedTuple):
     attn: object
-    attn_drop: object
-    attn_ln: object
+    attn_ln: object  # DropoutAddNormCache: the attention output's dropout, its residual and LayerNorm
     inter: object
     gelu: object
     out: object
-    out_drop: object
-    out_ln: object
+    out_ln: object  # DropoutAddNormCache of the FFN output
 
 
 def layer_forward(params, prefix, x, mask, d, train=False, rng=None):
@@ -147,35 +160,32 @@ def layer_forward(params, prefix, x, mask, d, train=False, rng=None):
         P("attention.self.value.weight"), P("attention.self.value.bias"),
         P("attention.output.dense.weight"), P("attention.output.dense.bias"),
         mask, d.num_heads, d.attention_dropout if train else 0.0, rng)  # (B, T, C)
-    att, attn_drop = dropout_forward(att, d.hidden_dropout, rng, train)
-    a, attn_ln = norm_forward(params, f"{prefix}.attention.output.LayerNorm", x + att, d.layer_norm_eps)
+    a, attn_ln = add_norm_forward(params, f"{prefix}.attention.output.LayerNorm", att, x, d, train, rng)
     h, inter = matmul_forward(a, P("intermediate.dense.weight"))  # (B, T, F)
     h, gelu = dispatch("bias_gelu_forward", h)(h, P("intermediate.dense.bias"))
     f, out = dense_forward(params, f"{prefix}.output.dense", h)  # (B, T, C)
-    f, out_drop = dropout_forward(f, d.hidden_dropout, rng, train)
-    y, out_ln = norm_forward(params, f"{prefix}.output.LayerNorm", a + f, d.layer_norm_eps)
-    return y, LayerCache(attn, attn_drop, attn_ln, inter, gelu, out, out_drop, out_ln)
+    y, out_ln = add_norm_forward(params, f"{prefix}.output.LayerNorm", f, a, d, train, rng)
+    return y, LayerCache(attn, attn_ln, inter, gelu, out, out_ln)
 
 
 def layer_backward(dout, cache, grads, prefix):
     """Inverts layer_forward. Each residual sends its gradient down two paths, which are summed."""
-    dsum = norm_backward(dout, cache.out_ln, grads, f"{prefix}.output.LayerNorm")  # d(a + f)
-    df = dropout_backward(dsum, cache.out_drop)
+    df, da_residual = add_norm_backward(dout, cache.out_ln, grads, f"{prefix}.output.LayerNorm")
     dh = dense_backward(df, cache.out, grads, f"{prefix}.output.dense")  # (B, T, F)
     dh, db1 = dispatch("bias_gelu_backward", dh)(dh, cache.gelu)
     grads[f"{prefix}.intermediate.dense.bias"] += db1
     da, dW1 = matmul_backward(dh, cache.inter)
     grads[f"{prefix}.intermediate.dense.weight"] += dW1
-    da = da + dsum  # the residual a -> a + f
-    dsum = norm_backward(da, cache.attn_ln, grads, f"{prefix}.attention.output.LayerNorm")  # d(x + att)
-    datt = dropout_backward(dsum, cache.attn_drop)
+    da += da_residual  # the residual a -> a + f
+    datt, dx_residual = add_norm_backward(da, cache.attn_ln, grads, f"{prefix}.attention.output.LayerNorm")
     dx, *dparams = mha_backward(datt, cache.attn)
     for name, g in zip(("query.weight", "query.bias", "key.weight", "key.bias", "value.weight", "value.bias"),
                        dparams[:6]):
         grads[f"{prefix}.attention.self.{name}"] += g
     grads[f"{prefix}.attention.output.dense.weight"] += dparams[6]
     grads[f"{prefix}.attention.output.dense.bias"] += dparams[7]
-    return dx + dsum  # the residual x -> x + att
+    dx += dx_residual  # the residual x -> x + att
+    return dx
 
 
 class EncoderCache(NamedTuple):

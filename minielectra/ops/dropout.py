@@ -3,13 +3,15 @@
 Scaling at training time keeps the expected activation unchanged, so evaluation is the identity with no rescale.
 The mask comes from an explicit numpy Generator, so a run (and a gradient check) can be replayed exactly.
 
-Two ways to draw the mask. `dropout_forward` (hidden states) draws one seed from the Generator, then one uniform per
-entry from a Generator of x's array module seeded with it, and keeps the mask it returns.
-Attention's weights use a counter-based mask instead: one 64-bit seed drawn from the Generator, and keep(index) a hash
-of (seed, flat index), `hashed_keep_mask`. Any entry of it can be recomputed from the seed alone, in any order, so a
-fused attention kernel decides dropout inside its loops and again in its backward without storing a (T, T) mask per
-head; that is what lets the Numba and CUDA kernels keep memory linear in T. The reference uses the same definition, so
-all three backends drop the same weights for the same Generator state.
+Two ways to draw the mask. `dropout_forward` (the embeddings' output, the fine-tuning head) draws one seed from the
+Generator, then one uniform per entry from a Generator of x's array module seeded with it, and keeps the mask it
+returns.
+Attention's weights and the encoder layers' sublayer outputs (`layernorm.dropout_add_layernorm_forward`) use a
+counter-based mask instead: one 64-bit seed drawn from the Generator, and keep(index) a hash of (seed, flat index),
+`hashed_keep_mask`. Any entry of it can be recomputed from the seed alone, in any order, so a fused kernel decides
+dropout inside its loops and again in its backward without storing a mask; that is what lets the Numba and CUDA
+attention kernels keep memory linear in T. The reference uses the same definition, so all three backends drop the same
+entries for the same Generator state.
 """
 
 import math
@@ -81,3 +83,11 @@ def hashed_keep_mask(xp, seed, shape, threshold):
     z *= u64(HASH_MIX2)
     z ^= z >> u64(31)
     return ((z >> u64(64 - HASH_KEEP_BITS)) >= u64(threshold)).reshape(shape)
+
+
+def hashed_dropout(x, seed, threshold, drop_scale):
+    """x * keep * drop_scale with keep = hashed_keep_mask of x's shape; a fresh copy of x when threshold is 0."""
+    if not threshold:
+        return x.copy()
+    keep = hashed_keep_mask(get_xp(x), seed, x.shape, threshold)
+    return x * (keep * x.dtype.type(drop_scale))

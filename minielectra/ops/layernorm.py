@@ -1,12 +1,15 @@
 """Layer normalisation over the last axis: y = (x - mean) / sqrt(var + eps) * gamma + beta.
 
 ELECTRA (like BERT) uses eps = 1e-12: tiny enough that it only matters for a constant row.
+
+`dropout_add_layernorm_forward` is the end of every post-LN sublayer, LN(residual + dropout(x)), as one op.
 """
 
 from typing import NamedTuple
 
 from minielectra.backend import get_xp
 from minielectra.ops import checks
+from minielectra.ops.dropout import draw_seed, drop_threshold, hashed_dropout
 
 LAYER_NORM_EPS = 1e-12
 
@@ -45,3 +48,37 @@ def layernorm_backward(dout, cache):
     dgamma = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
     dbeta = dout.reshape(-1, C).sum(axis=0)  # (C,)
     return dx, dgamma, dbeta
+
+
+class DropoutAddNormCache(NamedTuple):
+    ln: LayerNormCache  # of the sum residual + dropout(x)
+    seed: int  # the dropout mask's hash seed (dropout.hashed_keep_mask)
+    threshold: int  # dropout.drop_threshold(p); 0: no dropout (p == 0 or not training)
+    drop_scale: float  # 1 / (1 - p)
+
+
+def dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
+    """x, residual (..., C), gamma, beta (C,) -> LN(residual + dropout(x)) (..., C): how each post-LN sublayer ends
+    (BERT's `LayerNorm(dropout(dense(h)) + input)`), as one op so a kernel can do it in one pass over each row.
+
+    Dropout here uses the counter-based mask attention uses (dropout.hashed_keep_mask): one seed drawn from rng, the
+    keep bit of each entry a hash of (seed, flat index). The backward recomputes it from the seed, so the cache holds
+    no mask, and a kernel decides each entry inside its row loop.
+    """
+    checks.float_array("x", x)
+    checks.float_array("residual", residual)
+    checks.shape("residual", residual, x.shape, "(..., C) like x")
+    checks.probability("p", p)
+    threshold = drop_threshold(p) if train else 0
+    seed = draw_seed(rng) if threshold else 0
+    drop_scale = 1.0 / (1.0 - p)
+    s = residual + hashed_dropout(x, seed, threshold, drop_scale)  # (..., C)
+    y, ln = layernorm_forward(s, gamma, beta, eps)
+    return y, DropoutAddNormCache(ln, seed, threshold, drop_scale)
+
+
+def dropout_add_layernorm_backward(dout, cache):
+    """Inverts `y = LN(s)`, `s = residual + x * keep * drop_scale`: ds reaches the residual unchanged and x through
+    the same mask and scale. -> dx, dresidual, dgamma, dbeta."""
+    ds, dgamma, dbeta = layernorm_backward(dout, cache.ln)
+    return hashed_dropout(ds, cache.seed, cache.threshold, cache.drop_scale), ds, dgamma, dbeta

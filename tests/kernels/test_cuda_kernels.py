@@ -208,6 +208,24 @@ def test_layernorm_matches_reference(runtime, seed, dtype, rows, C, mag):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @examples
+@given(seed=SEEDS, dtype=DTYPES, rows=ROWS, C=WIDTH, p=st.sampled_from([0.0, 0.1, 0.5]), train=st.booleans())
+def test_dropout_add_layernorm_matches_reference(runtime, seed, dtype, rows, C, p, train):
+    rng = np.random.default_rng(seed)
+    x, residual, dout = ((rng.standard_normal(rows + (C,)) * 30).astype(dtype) for _ in range(3))
+    g, b = (rng.standard_normal(C).astype(dtype) for _ in range(2))
+    with Runtime(runtime) as r:
+        y, c = kl.dropout_add_layernorm_forward(r.dev(x), r.dev(residual), r.dev(g), r.dev(b), p,
+                                                np.random.default_rng(seed), train)
+        got = kl.dropout_add_layernorm_backward(r.dev(dout), c)
+    y_ref, c_ref = rl.dropout_add_layernorm_forward(x, residual, g, b, p, np.random.default_rng(seed), train)
+    assert (c.seed, c.threshold) == (c_ref.seed, c_ref.threshold)
+    assert_close(r.host(y), y_ref, name="y")
+    for name, a, w in zip(("dx", "dresidual", "dgamma", "dbeta"), got, rl.dropout_add_layernorm_backward(dout, c_ref)):
+        assert_close(r.host(a), w, name=name, k=16)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
 @given(seed=SEEDS, dtype=DTYPES, rows=ROWS, F=WIDTH, mag=st.sampled_from([1.0, 1000.0]), approximate=st.booleans())
 @example(seed=8798453, dtype=np.float32, rows=(1, 1), F=2, mag=1.0, approximate=True)  # 1 + tanh cancels at h = -2.3
 def test_bias_gelu_matches_reference(runtime, seed, dtype, rows, F, mag, approximate):
@@ -397,8 +415,8 @@ def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch):
     with Runtime("emulator"):
         losses, metrics, grads = electra.loss_and_grads(params, (ids, mask), config, np.random.default_rng(3),
                                                         train=False)
-    assert {"attention_forward", "layernorm_forward", "bias_gelu_forward", "softmax_cross_entropy",
-            "sigmoid_cross_entropy", "embedding_backward"} <= used
+    assert {"attention_forward", "layernorm_forward", "dropout_add_layernorm_forward", "bias_gelu_forward",
+            "softmax_cross_entropy", "sigmoid_cross_entropy", "embedding_backward"} <= used
     for k in ref_losses:
         assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5), k
     assert metrics == pytest.approx(ref_metrics)

@@ -29,6 +29,7 @@ def numba_backend():
 KERNEL_OPS = {
     "attention_forward": "attention", "attention_backward": "attention",
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
+    "dropout_add_layernorm_forward": "layernorm", "dropout_add_layernorm_backward": "layernorm",
     "bias_gelu_forward": "activations", "bias_gelu_backward": "activations",
     "softmax_cross_entropy": "losses", "sigmoid_cross_entropy": "losses",
     "embedding_backward": "embedding",

@@ -76,3 +76,52 @@ def test_rejects_what_the_reference_rejects():
     _, c = ker.layernorm_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32))
     with pytest.raises(ValueError):
         ker.layernorm_backward(np.zeros((3, 4), np.float32), c)
+
+
+@KERNEL_SETTINGS
+@given(seed=SEEDS, shape=SHAPES, dtype=DTYPES, mag=MAGNITUDES, layout=LAYOUTS, p=st.sampled_from([0.0, 0.1, 0.5]),
+       train=st.booleans())
+def test_dropout_add_layernorm_matches_reference(seed, shape, dtype, mag, layout, p, train):
+    x, gamma, beta, dout = _inputs(seed, shape, dtype, mag, layout)
+    residual = noncontiguous(_inputs(seed + 1, shape, dtype, mag, "C")[0], layout)
+    y_ref, c_ref = ref.dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed), train)
+    y, c = ker.dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed), train)
+    assert (c.seed, c.threshold, c.drop_scale) == (c_ref.seed, c_ref.threshold, c_ref.drop_scale)
+    assert_close(y, y_ref, name="y")
+    assert_close(c.ln.xhat, c_ref.ln.xhat, name="xhat")
+    assert_close(c.ln.rstd, c_ref.ln.rstd, name="rstd")
+    got = ker.dropout_add_layernorm_backward(dout, c)
+    want = ref.dropout_add_layernorm_backward(dout, c_ref)
+    for name, g, w in zip(("dx", "dresidual", "dgamma", "dbeta"), got, want):
+        assert_close(g, w, name=name)
+    dropped = (want[0] == 0) & (want[1] != 0)
+    assert np.all(got[0][dropped] == 0)  # the same entries dropped, exactly
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_add_layernorm_caches_interchange_with_reference(dtype):
+    x, gamma, beta, dout = _inputs(0, (6, 5, 24), dtype, 1.0, "C")
+    residual = _inputs(1, (6, 5, 24), dtype, 1.0, "C")[0]
+    _, c_ref = ref.dropout_add_layernorm_forward(x, residual, gamma, beta, 0.1, np.random.default_rng(0))
+    _, c = ker.dropout_add_layernorm_forward(x, residual, gamma, beta, 0.1, np.random.default_rng(0))
+    want = ref.dropout_add_layernorm_backward(dout, c_ref)
+    for got in (ker.dropout_add_layernorm_backward(dout, c_ref), ref.dropout_add_layernorm_backward(dout, c)):
+        for g, w in zip(got, want):
+            assert_close(g, w)
+
+
+def test_dropout_add_layernorm_rejects_what_the_reference_rejects():
+    x = np.zeros((2, 4), np.float32)
+    g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError, match="^residual"):
+        ker.dropout_add_layernorm_forward(x, x.astype(np.int64), g, b, 0.1, rng)
+    with pytest.raises(ValueError, match="^residual"):
+        ker.dropout_add_layernorm_forward(x, np.zeros((2, 5), np.float32), g, b, 0.1, rng)
+    with pytest.raises(ValueError, match="^p"):
+        ker.dropout_add_layernorm_forward(x, x, g, b, 1.5, rng)
+    with pytest.raises(ValueError, match="^gamma"):
+        ker.dropout_add_layernorm_forward(x, x, np.full(4, np.inf, np.float32), b, 0.1, rng)
+    _, c = ker.dropout_add_layernorm_forward(x, x, g, b, 0.1, rng)
+    with pytest.raises(ValueError, match="^dout"):
+        ker.dropout_add_layernorm_backward(np.zeros((3, 4), np.float32), c)

@@ -1,4 +1,5 @@
-"""Layer norm over the last axis: normalised statistics, closed form, grads, +-1000, constant rows, eps."""
+"""Layer norm over the last axis: normalised statistics, closed form, grads, +-1000, constant rows, eps; and the fused
+sublayer end LN(residual + dropout(x))."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minielectra.gradcheck import check_op, format_table
-from minielectra.ops.layernorm import LAYER_NORM_EPS, layernorm_backward, layernorm_forward
+from minielectra.ops.dropout import draw_seed, drop_threshold, hashed_keep_mask
+from minielectra.ops.layernorm import (LAYER_NORM_EPS, dropout_add_layernorm_backward, dropout_add_layernorm_forward,
+                                       layernorm_backward, layernorm_forward)
 
 
 def assert_rows_ok(rows):
@@ -158,3 +161,95 @@ X, ONES, ZEROS = np.zeros((2, 3)), np.ones(3), np.zeros(3)
 def test_bad_input_names_the_argument(args, exc, name):
     with pytest.raises(exc, match=rf"^{name}\b"):
         layernorm_forward(*args)
+
+
+# ---- dropout_add_layernorm: LN(residual + dropout(x)), the end of each post-LN sublayer ------------------------------
+
+
+def _sublayer_inputs(seed, lead, C, scale, offset):
+    x, gamma, beta = _inputs(seed, lead, C, scale)
+    residual, _, _ = _inputs(seed + 1, lead, C, scale)
+    return x, residual + offset, gamma, beta
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, lead=LEAD, C=st.integers(2, 9), p=st.sampled_from([0.0, 0.1, 0.5]), train=st.booleans(),
+       offset=st.sampled_from([0.0, 1000.0, -1000.0]))
+def test_dropout_add_layernorm_is_the_three_ops_with_the_hashed_mask(seed, lead, C, p, train, offset):
+    x, residual, gamma, beta = _sublayer_inputs(seed, lead, C, 1.0, offset)
+    y, cache = dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed), train)
+    threshold = drop_threshold(p) if train else 0
+    assert cache.threshold == threshold
+    if threshold:
+        assert cache.seed == draw_seed(np.random.default_rng(seed))  # the op's only draw
+        keep = hashed_keep_mask(np, cache.seed, x.shape, threshold)
+    else:
+        keep = np.ones(x.shape, bool)
+    scale = 1 / (1 - p) if threshold else 1.0
+    want, ln = layernorm_forward(residual + x * keep * scale, gamma, beta)
+    np.testing.assert_array_equal(y, want)
+    dout = np.random.default_rng(seed + 2).standard_normal(x.shape)
+    dx, dresidual, dgamma, dbeta = dropout_add_layernorm_backward(dout, cache)
+    ds, dgamma_want, dbeta_want = layernorm_backward(dout, ln)
+    np.testing.assert_array_equal(dresidual, ds)
+    np.testing.assert_array_equal(dx, ds * keep * scale)
+    np.testing.assert_array_equal(dgamma, dgamma_want)
+    np.testing.assert_array_equal(dbeta, dbeta_want)
+    assert dx is not dresidual  # fresh arrays even when nothing is dropped: a composer may add into either
+
+
+def test_dropout_add_layernorm_drops_p_of_x_and_keeps_all_of_the_residual():
+    x, residual = np.ones((400, 50)), np.zeros((400, 50))
+    y, cache = dropout_add_layernorm_forward(x, residual, np.ones(50), np.zeros(50), 0.3, np.random.default_rng(0))
+    dx, dresidual, _, _ = dropout_add_layernorm_backward(np.ones_like(x) * np.arange(50), cache)
+    kept = dx != 0
+    assert abs(kept.mean() - 0.7) < 0.01  # 20,000 entries: 4 standard deviations is 0.013
+    np.testing.assert_allclose(dx[kept], dresidual[kept] / 0.7, rtol=1e-15)
+    assert np.all(dresidual[:, 1:] != 0)
+
+
+def test_dropout_add_layernorm_without_dropout_draws_nothing():
+    x, residual, gamma, beta = _sublayer_inputs(0, (2, 3), 6, 1.0, 0.0)
+    for p, train in ((0.0, True), (0.1, False)):
+        rng = np.random.default_rng(4)
+        y, _ = dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train)
+        assert rng.bit_generator.state == np.random.default_rng(4).bit_generator.state
+        np.testing.assert_array_equal(y, layernorm_forward(residual + x, gamma, beta)[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, lead=LEAD, C=st.integers(3, 8), scale=st.sampled_from([0.1, 1.0, 30.0]),
+       offset=st.sampled_from([0.0, 1000.0, -1000.0]), p=st.sampled_from([0.0, 0.1, 0.5]))
+def test_dropout_add_layernorm_grads(seed, lead, C, scale, offset, p):
+    # +-1000 enters as the residual's offset, as in test_grads_of_x_gamma_beta; the same rng seed each call replays
+    # the same mask, so the finite differences see the function the backward differentiates.
+    x, residual, gamma, beta = _sublayer_inputs(seed, lead, C, scale, offset)
+
+    def forward(x, residual, gamma, beta):
+        return dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed))
+
+    def backward(dout, cache):
+        return dropout_add_layernorm_backward(dout, cache)
+
+    rows = check_op(forward, backward, {"x": x, "residual": residual, "gamma": gamma, "beta": beta},
+                    ["x", "residual", "gamma", "beta"])
+    assert_rows_ok(rows)
+
+
+def test_dropout_add_layernorm_float32_in_float32_out():
+    x, residual, gamma, beta = (a.astype(np.float32) for a in _sublayer_inputs(3, (2, 3), 5, 1.0, 0.0))
+    y, cache = dropout_add_layernorm_forward(x, residual, gamma, beta, 0.1, np.random.default_rng(0))
+    assert y.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in dropout_add_layernorm_backward(np.ones_like(y), cache))
+
+
+@pytest.mark.parametrize("args, exc, name", [
+    ((X.astype(np.int64), X, ONES, ZEROS, 0.1), TypeError, "x"),
+    ((X, X.astype(np.int64), ONES, ZEROS, 0.1), TypeError, "residual"),
+    ((X, np.zeros((3, 3)), ONES, ZEROS, 0.1), ValueError, "residual"),
+    ((X, X, np.array([1.0, np.nan, 1.0]), ZEROS, 0.1), ValueError, "gamma"),
+    ((X, X, ONES, ZEROS, 1.0), ValueError, "p"),
+])
+def test_dropout_add_layernorm_bad_input_names_the_argument(args, exc, name):
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        dropout_add_layernorm_forward(*args, np.random.default_rng(0))
