@@ -246,6 +246,8 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
          (r(B, H, T, D), r(B, H, T, D), r(B, H, T, D), mask, config.attention_probs_dropout_prob,
           np.random.default_rng(0)), r(B, H, T, D)),
         ("layernorm fwd+bwd", ("layernorm_forward", "layernorm_backward"), (r(B, T, C), r(C), r(C)), r(B, T, C)),
+        ("dropout+add+LN", ("dropout_add_layernorm_forward", "dropout_add_layernorm_backward"),
+         (r(B, T, C), r(B, T, C), r(C), r(C), config.hidden_dropout_prob, np.random.default_rng(0)), r(B, T, C)),
         ("bias+gelu fwd+bwd", ("bias_gelu_forward", "bias_gelu_backward"), (r(B, T, F), r(F)), r(B, T, F)),
         ("softmax CE (MLM)", ("softmax_cross_entropy",), (r(N, V), rng.integers(0, V, N)), None),
         ("sigmoid CE (RTD)", ("sigmoid_cross_entropy",), (r(B, T), rng.integers(0, 2, (B, T)), np.ones((B, T), f32)),

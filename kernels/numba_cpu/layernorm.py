@@ -17,27 +17,37 @@ backward.
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import _ONE, as_2d, float_dtype, keep, n_chunks
+from kernels.numba_cpu._common import _ONE, as_2d, float_dtype, keep, n_chunks, row_sum
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache
 
 
 @njit(cache=True, inline="always")
+def _row_sq_dev(x, c, zero):
+    """sum((x - c)^2) in four interleaved partial sums, as _common.row_sum."""
+    s0 = s1 = s2 = s3 = zero
+    C = x.shape[0]
+    for j in range(0, C - 3, 4):
+        d0, d1, d2, d3 = x[j] - c, x[j + 1] - c, x[j + 2] - c, x[j + 3] - c
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+    for j in range(C - C % 4, C):
+        d0 = x[j] - c
+        s0 += d0 * d0
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, inline="always")
 def _normalise_row(s, gamma, beta, eps, one, fC, y, xhat):
-    """y, xhat of one row s (which may be xhat itself: each entry is read before it is written); returns rstd."""
-    C = s.shape[0]
+    """y, xhat of one row s (which may be xhat itself: each entry is read before it is written); returns rstd. The mean
+    and variance sums in four chains each: 2048 x 128 float32 on one core, 240-260 -> 205-210 us."""
     zero = one - one
-    t = zero
-    for j in range(C):
-        t += s[j]
-    mean = t / fC
-    t = zero
-    for j in range(C):
-        sc = s[j] - mean
-        t += sc * sc
-    r = one / np.sqrt(t / fC + eps)  # biased variance, as the reference
-    for j in range(C):
+    mean = row_sum(s, zero) / fC
+    r = one / np.sqrt(_row_sq_dev(s, mean, zero) / fC + eps)  # biased variance, as the reference
+    for j in range(s.shape[0]):
         xh = (s[j] - mean) * r
         xhat[j] = xh
         y[j] = xh * gamma[j] + beta[j]
@@ -67,18 +77,18 @@ def _dropout_add_forward(x, residual, gamma, beta, eps, one, fC, seed, threshold
 @njit(cache=True, inline="always")
 def _backward_row(d, xh, r, gamma, fC, dx, pgamma, pbeta):
     """dx of one row, r * (g - mean(g) - xh * mean(g * xh)) with g = d * gamma, and its dgamma, dbeta shares added
-    into the chunk's partial rows."""
-    C = d.shape[0]
+    into the chunk's partial rows. The two sums run as two plain chains: four chains each, as in the forward, made
+    the backward slower (2048 x 128 float32, one core: 150-165 -> 225-250 us)."""
     zero = fC - fC
     sg = zero
     sgx = zero
-    for j in range(C):
+    for j in range(d.shape[0]):
         g = d[j] * gamma[j]
         sg += g
         sgx += g * xh[j]
     mg = sg / fC
     mgx = sgx / fC
-    for j in range(C):
+    for j in range(d.shape[0]):
         dx[j] = r * (d[j] * gamma[j] - mg - xh[j] * mgx)
         pgamma[j] += d[j] * xh[j]
         pbeta[j] += d[j]
