@@ -12,7 +12,7 @@ update, on the whole step's critical path.
 Both run a tensor on Numba's thread pool only from PARALLEL_MIN entries on: most of a model's tensors are biases and
 norms, and waking the pool for each costs more than their update. The small preset's 402 tensors (14.2 M entries) on
 2 cores: AdamW 26.8 ms with every tensor on the pool, 11.7 ms with the threshold (the reference 32.8 ms); clip_scale
-23.8 ms and 9.0 ms (the reference 17.5 ms).
+23.8 ms and 9.0 ms (the reference 17.5 ms), then 6.8-7.0 ms with its running sums in registers (see _sum_chunk).
 """
 
 import numpy as np
@@ -27,10 +27,27 @@ PARALLEL_MIN = 1 << 16  # entries from which a tensor is updated or summed on th
 
 @njit(cache=True, inline="always")
 def _sum_chunk(g, acc, lo, hi):
-    # Entry i goes to lane i % _LANES of acc, so the order of the additions is fixed by the code, on any CPU.
-    for i in range(lo, hi):
-        x = np.float64(g[i])
-        acc[i % _LANES] += x * x
+    # Entry lo + 8 k + l goes to lane l (the last hi - lo mod 8 entries to lane 0), so the order of the additions is
+    # fixed by the code, on any CPU. Eight local sums stay in registers; summed into acc[i % 8] in memory, each add
+    # waited for the store before it. The small preset's 402 tensors, 2 cores: 7.9-8.0 -> 6.8-7.0 ms (of which the
+    # one pass over their 57 MB takes about 2.5; the rest is the per-tensor calls).
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    end = lo + (hi - lo) // _LANES * _LANES
+    for i in range(lo, end, _LANES):
+        x0, x1, x2, x3 = np.float64(g[i]), np.float64(g[i + 1]), np.float64(g[i + 2]), np.float64(g[i + 3])
+        x4, x5, x6, x7 = np.float64(g[i + 4]), np.float64(g[i + 5]), np.float64(g[i + 6]), np.float64(g[i + 7])
+        s0 += x0 * x0
+        s1 += x1 * x1
+        s2 += x2 * x2
+        s3 += x3 * x3
+        s4 += x4 * x4
+        s5 += x5 * x5
+        s6 += x6 * x6
+        s7 += x7 * x7
+    for i in range(end, hi):
+        x0 = np.float64(g[i])
+        s0 += x0 * x0
+    acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7] = s0, s1, s2, s3, s4, s5, s6, s7
 
 
 @njit(cache=True, parallel=True, nogil=True)
