@@ -116,7 +116,7 @@ print("shared embeddings among them:", [k[len(electra.EMB) + 1:] for k in change
 # 1); 85 % of the picks become `[MASK]`, 15 % stay as they are (the generator must still predict them: it cannot
 # tell which of the unmasked tokens were picked). We raise `mask_prob` to 0.3 here to see more of it.
 #
-# **Sampling** (`electra.gumbel_sample`): `argmax(logits + g)` with `g = -log(-log u)`, `u ~ Uniform(0, 1)`, is an
+# **Sampling** (`ops.softmax.gumbel_sample`): `argmax(logits + g)` with `g = -log(-log u)`, `u ~ Uniform(0, 1)`, is an
 # exact sample from `softmax(logits)`: the Gumbel-max trick.
 
 # %%

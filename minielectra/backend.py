@@ -219,6 +219,7 @@ _OP_MODULES = {
     "dropout_add_layernorm_backward": "minielectra.ops.layernorm",
     "bias_gelu_forward": "minielectra.ops.activations",
     "bias_gelu_backward": "minielectra.ops.activations",
+    "gumbel_sample": "minielectra.ops.softmax",
     "softmax_cross_entropy": "minielectra.ops.losses",
     "sigmoid_cross_entropy": "minielectra.ops.losses",
     "embedding_backward": "minielectra.ops.embedding",

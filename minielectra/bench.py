@@ -250,6 +250,7 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
          (r(B, T, C), r(B, T, C), r(C), r(C), config.hidden_dropout_prob, np.random.default_rng(0)), r(B, T, C)),
         ("bias+gelu fwd+bwd", ("bias_gelu_forward", "bias_gelu_backward"), (r(B, T, F), r(F)), r(B, T, F)),
         ("softmax CE (MLM)", ("softmax_cross_entropy",), (r(N, V), rng.integers(0, V, N)), None),
+        ("gumbel sample", ("gumbel_sample",), (r(N, V), config.temperature, np.random.default_rng(0)), None),
         ("sigmoid CE (RTD)", ("sigmoid_cross_entropy",), (r(B, T), rng.integers(0, 2, (B, T)), np.ones((B, T), f32)),
          None),
         ("embedding bwd", ("embedding_backward",), (r(B, T, E), EmbeddingCache(ids, (V, E))), None),

@@ -127,7 +127,7 @@ class TorchStep:
         h = gh.reshape(B * T, -1).index_select(0, rows)  # (N, Cg): the head runs at the picked positions only
         logits = gen.generator_lm_head(gen.generator_predictions(h))  # (N, V)
         mlm = F.cross_entropy(logits, targets)
-        with torch.no_grad():  # Gumbel-max, as electra.gumbel_sample: no gradient through the sample
+        with torch.no_grad():  # Gumbel-max, as ops.softmax.gumbel_sample: no gradient through the sample
             u = torch.rand(logits.shape, device=self.device)
             g = -torch.log(-torch.log(u + 1e-9) + 1e-9)
             samples = torch.argmax(logits / config.temperature + g, dim=-1)  # (N,)

@@ -102,20 +102,6 @@ def mask_tokens(input_ids, attention_mask, config: ElectraConfig, rng):
     return Masking(positions, weights, masked_ids)
 
 
-def gumbel_sample(logits, temperature, rng):
-    """One token per row of logits (N, V), drawn from softmax(logits / temperature) by the Gumbel-max trick:
-    argmax(logits / t + g) with g = -log(-log(u)) is distributed exactly as that softmax, with no normalisation.
-    The 1e-9 guards are the official code's: they keep log(0) out for u = 0.
-
-    `rng` is a Generator of the logits' array module: numpy's for NumPy logits, cupy.random's for CuPy logits, so the
-    (N, V) noise (N x V floats, 300 MB a step for ELECTRA-Small) is drawn where it is used instead of being copied up.
-    """
-    u = rng.random(logits.shape, dtype=np.float32)
-    xp = get_xp(logits)
-    g = -xp.log(-xp.log(xp.asarray(u) + np.float32(1e-9)) + np.float32(1e-9))
-    return xp.argmax(logits / logits.dtype.type(temperature) + g, axis=-1)  # (N,)
-
-
 class StepCache(NamedTuple):
     gen: object
     gen_head: object
@@ -161,15 +147,15 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
     where the batch comes from, and it fixes N, the number of picks that sizes the generator head, which the host
     must know. The ids, masked ids, attention mask and picked rows are then copied up (small host-to-device copies,
     which do not wait for the device); losses and metrics come back as 0-d device arrays, so nothing crosses to the
-    host during the step. The Gumbel noise is drawn on the device from the sampling seed: a device run draws other
-    samples than a NumPy run of the same seed (equally distributed), and replays its own exactly.
+    host during the step. The Gumbel noise is computed where the logits are, from the sampling seed
+    (softmax.gumbel_sample), so a device run samples the same tokens as a NumPy run of the same seed (up to exact
+    ties between two tokens' noisy scores, which rounding may break the other way).
     """
     input_ids, attention_mask = _check_batch(batch, config)
     B, T = input_ids.shape
     xp = get_xp(params[WORDS])
     seeds = rng.integers(2**63, size=4)
-    mask_rng, gen_rng, disc_rng = (np.random.default_rng(seeds[i]) for i in (0, 1, 3))
-    sample_rng = xp.random.default_rng(int(seeds[2]))
+    mask_rng, gen_rng, sample_rng, disc_rng = (np.random.default_rng(s) for s in seeds)
     m = mask_tokens(input_ids, attention_mask, config, mask_rng)
     picked = m.weights.reshape(-1) > 0
     rows = (np.arange(B)[:, None] * T + m.positions).reshape(-1)[picked]  # (N,) flat positions
@@ -186,7 +172,7 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
                                               config.layer_norm_eps)  # (N, V)
     mlm_loss, dmlm = dispatch("softmax_cross_entropy", logits)(logits, targets)
     if samples is None:
-        samples = gumbel_sample(logits, config.temperature, sample_rng)  # (N,), outside the graph: no gradient
+        samples = dispatch("gumbel_sample", logits)(logits, config.temperature, sample_rng)  # (N,): no gradient
     samples = xp.asarray(samples)
     corrupted = input_ids.copy()
     corrupted.reshape(-1)[rows] = samples

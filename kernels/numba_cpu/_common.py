@@ -87,6 +87,43 @@ def exp_for_float32(x):
     return p * _float64_from_bits((np.int64(k) + 1023) << 52)
 
 
+@intrinsic
+def _bits_of_float64(typingctx, x):
+    """The int64 bit pattern of the float64 x: the inverse of _float64_from_bits."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+# ln x = e ln 2 + ln m for x = m 2^e with m in [sqrt(1/2), sqrt 2), and ln m = 2 atanh(f) = 2 (f + f^3/3 + f^5/5 ...)
+# with f = (m - 1) / (m + 1), |f| <= 0.172: seven terms leave a relative error below 2e-12, then rounded to float32.
+# Plain arithmetic on the exponent and mantissa bits, so it inlines and vectorises as exp_for_float32 does, where the
+# C library's logf is a call per element. The Gumbel sampler (softmax.py) takes two logs per vocabulary entry.
+_SQRT2 = math.sqrt(2.0)
+_MANTISSA = (1 << 52) - 1
+_ONE_BITS = 1023 << 52
+
+
+@njit(cache=True, fastmath=CONTRACT, error_model="numpy")
+def log_for_float32(x):
+    """ln x of a positive normal float64 x (a float32's value, as a float64), within 2e-12 relative: accurate enough
+    to round to float32, not to be a float64 result. Zero, negative, subnormal, inf and NaN inputs are not handled."""
+    bits = _bits_of_float64(x)
+    e = (bits >> 52) - 1023
+    m = _float64_from_bits((bits & _MANTISSA) | _ONE_BITS)  # [1, 2)
+    if m > _SQRT2:
+        m *= 0.5
+        e += 1
+    f = (m - 1.0) / (m + 1.0)
+    s = f * f
+    p = 2.0 + s * (2.0 / 3 + s * (2.0 / 5 + s * (2.0 / 7 + s * (2.0 / 9 + s * (2.0 / 11 + s * (2.0 / 13))))))
+    return e * _LN2 + f * p
+
+
 @overload(exp, inline="always", jit_options={"cache": True})
 def _exp_overload(x):
     if x == types.float64:
@@ -158,13 +195,19 @@ _ONE = np.uint64(1)
 
 
 @njit(cache=True, inline="always")
-def keep(seed, counter, threshold):
-    """hashed_keep_mask for one entry: counter = flat index + 1 (uint64), seed and threshold uint64."""
+def hash_bits(seed, counter):
+    """The top 24 bits of the hash of one entry (uint64): counter = flat index + 1, seed uint64."""
     z = seed + counter * _GOLDEN
     z = (z ^ (z >> _S30)) * _MIX1
     z = (z ^ (z >> _S27)) * _MIX2
     z = z ^ (z >> _S31)
-    return (z >> _S_TOP) >= threshold
+    return z >> _S_TOP
+
+
+@njit(cache=True, inline="always")
+def keep(seed, counter, threshold):
+    """hashed_keep_mask for one entry: counter = flat index + 1 (uint64), seed and threshold uint64."""
+    return hash_bits(seed, counter) >= threshold
 
 
 @njit(cache=True, inline="always")

@@ -11,7 +11,8 @@ counter-based mask instead: one 64-bit seed drawn from the Generator, and keep(i
 `hashed_keep_mask`. Any entry of it can be recomputed from the seed alone, in any order, so a fused kernel decides
 dropout inside its loops and again in its backward without storing a mask; that is what lets the Numba and CUDA
 attention kernels keep memory linear in T. The reference uses the same definition, so all three backends drop the same
-entries for the same Generator state.
+entries for the same Generator state. The generator's Gumbel sampling draws its uniforms from the same hash
+(`hashed_uniform`, used by `softmax.gumbel_sample`).
 """
 
 import math
@@ -49,10 +50,11 @@ def dropout_backward(dout, cache):
     return dout if cache.scale is None else dout * cache.scale
 
 
-# splitmix64's constants (Steele, Lea and Flood 2014): the hash of every counter-based keep mask. attention.cu's
-# attn_keep and the Numba attention kernel compute the same function; change all three together.
+# splitmix64's constants (Steele, Lea and Flood 2014): the hash of every counter-based mask and uniform.
+# kernels/numba_cpu/_common.hash_bits, attention.cu's attn_keep and softmax.cu's gs_hash_bits compute the same
+# function; change them together.
 HASH_GOLDEN, HASH_MIX1, HASH_MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-HASH_KEEP_BITS = 24  # keep(index) compares the hash's top 24 bits with drop_threshold(p)
+HASH_KEEP_BITS = 24  # keep(index) compares the hash's top 24 bits with drop_threshold(p); hashed_uniform scales them
 
 
 def drop_threshold(p):
@@ -63,15 +65,16 @@ def drop_threshold(p):
 
 
 def draw_seed(rng):
-    """The one draw a hashed mask takes from the Generator: a uint64 seed, as a Python int."""
+    """The one draw a hashed mask (or hashed_uniform) takes from the Generator: a uint64 seed, as a Python int."""
     if not isinstance(rng, np.random.Generator):
-        raise TypeError("dropout needs an explicit numpy.random.Generator as rng (np.random.default_rng(seed))")
+        raise TypeError("dropout and sampling need an explicit numpy.random.Generator as rng "
+                        "(np.random.default_rng(seed))")
     return int(rng.integers(0, 2**64, dtype=np.uint64))
 
 
-def hashed_keep_mask(xp, seed, shape, threshold):
-    """Boolean keep mask of `shape` (xp = numpy or cupy): keep[index] = top 24 bits of splitmix64(seed + (index + 1)
-    * golden) >= threshold, index the C-order flat index. The uint64 products wrap around, as the hash intends."""
+def _hash_bits(xp, seed, shape):
+    """(shape) uint64 array (xp = numpy or cupy): the top 24 bits of splitmix64(seed + (index + 1) * golden) for each
+    C-order flat index. The uint64 products wrap around, as the hash intends."""
     u64 = xp.uint64
     size = math.prod(shape)
     z = xp.arange(1, size + 1, dtype=u64)  # index + 1: the kernels' counter
@@ -82,7 +85,18 @@ def hashed_keep_mask(xp, seed, shape, threshold):
     z ^= z >> u64(27)
     z *= u64(HASH_MIX2)
     z ^= z >> u64(31)
-    return ((z >> u64(64 - HASH_KEEP_BITS)) >= u64(threshold)).reshape(shape)
+    return (z >> u64(64 - HASH_KEEP_BITS)).reshape(shape)
+
+
+def hashed_keep_mask(xp, seed, shape, threshold):
+    """Boolean keep mask of `shape`: keep[index] = the top 24 bits of the hash of (seed, index) >= threshold."""
+    return _hash_bits(xp, seed, shape) >= xp.uint64(threshold)
+
+
+def hashed_uniform(xp, seed, shape):
+    """float32 uniforms in [0, 1) of `shape`, multiples of 2^-24 (as Generator.random(dtype=float32) draws them): the
+    top 24 bits of the hash of (seed, index), times 2^-24. The Gumbel sampler's noise (softmax.gumbel_sample)."""
+    return _hash_bits(xp, seed, shape).astype(np.float32) * np.float32(2.0**-HASH_KEEP_BITS)
 
 
 def hashed_dropout(x, seed, threshold, drop_scale):

@@ -6,12 +6,17 @@ dropped, e.g. a query in a padding-only sequence) has no defined softmax; we def
 in the gradient, without producing NaN or a warning. A finite additive mask (Hugging Face's -1e4 or float32 min) is
 just a shift: it makes dropped entries negligible in a mixed row, but a row shifted everywhere by the same amount is
 the softmax of its unshifted scores, not zeros. Use a boolean or -inf mask when rows can be fully masked.
+
+`gumbel_sample` draws from a softmax without computing it (ELECTRA's generator samples its replacements with it).
 """
 
 from typing import NamedTuple
 
+import numpy as np
+
 from minielectra.backend import get_xp
 from minielectra.ops import checks
+from minielectra.ops.dropout import draw_seed, hashed_uniform
 
 
 def _masked_scores(x, mask):
@@ -84,3 +89,34 @@ def log_softmax_backward(dout, cache):
     if keep is not None:
         dout = dout * keep
     return dout - p * dout.sum(axis=-1, keepdims=True)
+
+
+GUMBEL_GUARD = 1e-9  # the official code's guard in -log(-log(u + 1e-9) + 1e-9): keeps log(0) out for u = 0
+
+
+def check_gumbel_args(logits, temperature):
+    """gumbel_sample's argument checks, shared with its kernels."""
+    checks.float_array("logits", logits)
+    checks.ndim("logits", logits, 2, "(N, V)")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has shape (N, 0): there is no token to sample from")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def gumbel_sample(logits, temperature, rng):
+    """logits (N, V) -> (N,) int64: one index per row, drawn from softmax(logits / temperature) by the Gumbel-max
+    trick: argmax(logits / t + g) with g = -log(-log(u)) is distributed exactly as that softmax, with no
+    normalisation. The first index wins a tie, as in argmax.
+
+    The uniforms u are counter-based (dropout.hashed_uniform): one seed drawn from rng, u of entry (i, j) a hash of
+    (seed, i * V + j). A kernel computes each where it uses it, so no (N, V) noise array is ever stored (300 MB a
+    step for ELECTRA-Small's batch on a GPU), and every backend draws the same samples for the same seed. The noise
+    is float32, as the official code's, whatever the logits' dtype.
+    """
+    check_gumbel_args(logits, temperature)
+    xp = get_xp(logits)
+    u = hashed_uniform(xp, draw_seed(rng), logits.shape)  # (N, V) float32
+    guard = np.float32(GUMBEL_GUARD)
+    g = -xp.log(-xp.log(u + guard) + guard)  # (N, V) float32
+    return xp.argmax(logits / logits.dtype.type(temperature) + g, axis=-1)  # (N,)

@@ -19,7 +19,9 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from minielectra.ops import softmax as ref_softmax
 from minielectra.ops.activations import _TANH_C
+from minielectra.ops.dropout import draw_seed, hashed_uniform
 
 K_ULPS = 8
 
@@ -99,3 +101,30 @@ def gelu_backward_floor(dout, c_ref, approximate):
     h, s = h.astype(np.float64), s.astype(np.float64)
     dinner = _TANH_C * (1.0 + 3 * 0.044715 * h * h)
     return np.abs(dout) * (0.5 * (1.0 + np.abs(s)) + 0.5 * np.abs(h) * (1.0 + s * s) * dinner)
+
+
+# ---- Gumbel sampling: the kernels' float32 logs differ from NumPy's in their last bits (NumPy's is within a few ulps),
+# so the noisy scores can too: the samples must be equal, except in a row where the reference's scores at the two
+# indices are within a few ulps of each other (a near-tie the rounding may break either way).
+
+
+def reference_scores(logits, temperature, seed):
+    """The reference's noisy scores logits / t + g for the seed rng = default_rng(seed) gives the sampler, and the size
+    of their terms |logits / t| + |g| + 1."""
+    u = hashed_uniform(np, draw_seed(np.random.default_rng(seed)), logits.shape)
+    g = -np.log(-np.log(u + np.float32(1e-9)) + np.float32(1e-9))
+    scaled = logits / logits.dtype.type(temperature)
+    return scaled + g, np.abs(scaled) + np.abs(g) + 1
+
+
+def assert_same_samples(got, logits, temperature, seed):
+    """got equals the reference's samples but where the two picks' reference scores are within 16 float32 ulps of
+    their terms' size: each log is within a few ulps of the truth in both, and the sum rounds once more."""
+    want = ref_softmax.gumbel_sample(logits, temperature, np.random.default_rng(seed))
+    assert got.shape == want.shape and got.dtype == want.dtype
+    differ = np.flatnonzero(got != want)
+    if differ.size:
+        scores, size = reference_scores(logits, temperature, seed)
+        for i in differ:
+            gap = abs(scores[i, got[i]] - scores[i, want[i]])
+            assert gap <= 16 * np.finfo(np.float32).eps * max(size[i, got[i]], size[i, want[i]]), (i, got[i], want[i])

@@ -23,6 +23,7 @@ from kernels.cupy_gpu import embedding as ke
 from kernels.cupy_gpu import layernorm as kl
 from kernels.cupy_gpu import losses as kls
 from kernels.cupy_gpu import optim as ko
+from kernels.cupy_gpu import softmax as ksm
 from minielectra import backend
 from minielectra import optim as ref_optim
 from minielectra.config import TrainConfig
@@ -31,7 +32,8 @@ from minielectra.ops import attention as ra
 from minielectra.ops import embedding as re_
 from minielectra.ops import layernorm as rl
 from minielectra.ops import losses as rls
-from numba_kernel_checks import SEEDS, assert_close, gelu_backward_floor, gelu_floor, padded_batch
+from numba_kernel_checks import (SEEDS, assert_close, assert_same_samples, gelu_backward_floor, gelu_floor,
+                                 padded_batch)
 
 GPU = backend.gpu_usable()
 RUNTIMES = [
@@ -226,6 +228,29 @@ def test_dropout_add_layernorm_matches_reference(runtime, seed, dtype, rows, C, 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @examples
+@given(seed=SEEDS, dtype=DTYPES, N=st.integers(0, 4), V=st.integers(1, 700), mag=st.sampled_from([1.0, 1000.0]),
+       temperature=st.sampled_from([0.05, 1.0]))
+@example(seed=0, dtype=np.float32, N=2, V=3, mag=1.0, temperature=1.0)  # fewer columns than threads
+def test_gumbel_sample_matches_reference(runtime, seed, dtype, N, V, mag, temperature):
+    logits = (np.random.default_rng(seed).standard_normal((N, V)) * mag).astype(dtype)
+    with Runtime(runtime) as r:
+        got = r.host(ksm.gumbel_sample(r.dev(logits), temperature, np.random.default_rng(seed)))
+    assert_same_samples(got, logits, temperature, seed)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_gumbel_sample_ties_go_to_the_first_index(runtime):
+    logits = np.full((3, 600), -1e30, np.float32)
+    logits[0, [7, 300]] = np.inf  # two threads' columns, both +inf: the lower column wins the tree
+    logits[1, [263, 519]] = np.inf  # one thread's two columns (7 + 256, 7 + 512): its first
+    logits[2, :] = -np.inf  # nothing reachable: index 0, as argmax
+    with Runtime(runtime) as r:
+        got = r.host(ksm.gumbel_sample(r.dev(logits), 1.0, np.random.default_rng(0)))
+    assert got.tolist() == [7, 263, 0]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@examples
 @given(seed=SEEDS, dtype=DTYPES, rows=ROWS, F=WIDTH, mag=st.sampled_from([1.0, 1000.0]), approximate=st.booleans())
 @example(seed=8798453, dtype=np.float32, rows=(1, 1), F=2, mag=1.0, approximate=True)  # 1 + tanh cancels at h = -2.3
 def test_bias_gelu_matches_reference(runtime, seed, dtype, rows, F, mag, approximate):
@@ -416,7 +441,7 @@ def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch):
         losses, metrics, grads = electra.loss_and_grads(params, (ids, mask), config, np.random.default_rng(3),
                                                         train=False)
     assert {"attention_forward", "layernorm_forward", "dropout_add_layernorm_forward", "bias_gelu_forward",
-            "softmax_cross_entropy", "sigmoid_cross_entropy", "embedding_backward"} <= used
+            "gumbel_sample", "softmax_cross_entropy", "sigmoid_cross_entropy", "embedding_backward"} <= used
     for k in ref_losses:
         assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5), k
     assert metrics == pytest.approx(ref_metrics)

@@ -31,6 +31,7 @@ KERNEL_OPS = {
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
     "dropout_add_layernorm_forward": "layernorm", "dropout_add_layernorm_backward": "layernorm",
     "bias_gelu_forward": "activations", "bias_gelu_backward": "activations",
+    "gumbel_sample": "softmax",
     "softmax_cross_entropy": "losses", "sigmoid_cross_entropy": "losses",
     "embedding_backward": "embedding",
     "clip_scale": "optim", "adamw_step": "optim",

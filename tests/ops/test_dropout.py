@@ -169,3 +169,21 @@ def test_draw_seed_takes_one_uint64_draw():
     assert rng.random() == twin.random()
     with pytest.raises(TypeError, match="Generator"):
         dropout.draw_seed(None)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, M64), shape=st.lists(st.integers(1, 6), min_size=1, max_size=3))
+def test_hashed_uniform_is_the_hash_s_top_24_bits_over_2_to_the_24(seed, shape):
+    u = dropout.hashed_uniform(np, seed, tuple(shape))
+    assert u.shape == tuple(shape) and u.dtype == np.float32
+    want = [(splitmix64(seed, i + 1) >> 40) / 2**24 for i in range(u.size)]
+    assert u.ravel().tolist() == want  # exact: 24-bit integers times a power of two are float32 numbers
+
+
+def test_hashed_uniform_is_uniform_on_0_1():
+    u = dropout.hashed_uniform(np, 99, (400, 500)).astype(np.float64)
+    assert u.min() >= 0 and u.max() < 1
+    counts = np.histogram(u, bins=20, range=(0, 1))[0]
+    expected = u.size / 20
+    assert ((counts - expected) ** 2 / expected).sum() < 60  # chi-square, 19 degrees of freedom: p < 1e-5
+    assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 0.01  # neighbours independent

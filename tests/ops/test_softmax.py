@@ -1,4 +1,4 @@
-"""softmax / log_softmax over the last axis, with boolean or additive masks and fully masked rows."""
+"""softmax / log_softmax over the last axis, with boolean or additive masks and fully masked rows; Gumbel-max sampling."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minielectra.gradcheck import check_op, format_table
-from minielectra.ops.softmax import log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward
+from minielectra.ops.dropout import draw_seed, hashed_uniform
+from minielectra.ops.softmax import (gumbel_sample, log_softmax_backward, log_softmax_forward, softmax_backward,
+                                     softmax_forward)
 
 
 def assert_rows_ok(rows):
@@ -232,3 +234,52 @@ def test_bad_input_names_the_argument(forward):
 def test_mask_that_broadcasts_x_to_a_bigger_shape_is_rejected(forward):
     with pytest.raises(ValueError, match="mask"):
         forward(np.zeros((2, 4)), np.ones((3, 2, 4), bool))
+
+
+# ---- gumbel_sample: a draw from softmax(logits / t) per row ---------------------------------------------------------
+
+
+def test_gumbel_max_samples_from_the_softmax():
+    logits = np.log(np.array([[0.5, 0.3, 0.2]] * 20000, dtype=np.float32))
+    s = gumbel_sample(logits, 1.0, np.random.default_rng(0))
+    assert s.shape == (20000,) and s.dtype == np.int64
+    freq = np.bincount(s, minlength=3) / len(s)
+    assert np.allclose(freq, [0.5, 0.3, 0.2], atol=0.015)  # 4 standard deviations of a frequency is 0.014
+    sharp = gumbel_sample(logits, 0.05, np.random.default_rng(0))  # low temperature: almost always the argmax
+    assert (sharp == 0).mean() > 0.99
+    flat = gumbel_sample(np.log(np.array([[0.9, 0.1]] * 20000)), 1e3, np.random.default_rng(1))  # float64, t high
+    assert abs(np.mean(flat) - 0.5) < 0.015
+
+
+def test_gumbel_sample_is_the_argmax_of_the_hashed_noise():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((7, 11)).astype(np.float32) * 1000
+    seed = draw_seed(np.random.default_rng(3))
+    u = hashed_uniform(np, seed, logits.shape)
+    g = -np.log(-np.log(u + np.float32(1e-9)) + np.float32(1e-9))
+    np.testing.assert_array_equal(gumbel_sample(logits, 2.0, np.random.default_rng(3)),
+                                  np.argmax(logits / np.float32(2.0) + g, axis=-1))
+    used, one_draw = np.random.default_rng(3), np.random.default_rng(3)
+    gumbel_sample(logits, 2.0, used)
+    draw_seed(one_draw)
+    assert used.random() == one_draw.random()  # the sampler took exactly the seed from rng
+
+
+def test_gumbel_sample_rows_and_seeds_differ():
+    logits = np.zeros((1000, 50), np.float32)  # uniform over 50 tokens
+    a = gumbel_sample(logits, 1.0, np.random.default_rng(0))
+    b = gumbel_sample(logits, 1.0, np.random.default_rng(1))
+    assert len(set(a.tolist())) == 50 and (a != b).mean() > 0.9
+    np.testing.assert_array_equal(a, gumbel_sample(logits, 1.0, np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("logits, t, exc, match", [
+    (np.zeros((2, 3), np.int64), 1.0, TypeError, "^logits"),
+    (np.zeros(3, np.float32), 1.0, ValueError, "^logits"),
+    (np.zeros((3, 0), np.float32), 1.0, ValueError, "^logits"),
+    (np.zeros((2, 3), np.float32), 0.0, ValueError, "^temperature"),
+    (np.zeros((2, 3), np.float32), -1.0, ValueError, "^temperature"),
+])
+def test_gumbel_sample_bad_input(logits, t, exc, match):
+    with pytest.raises(exc, match=match):
+        gumbel_sample(logits, t, np.random.default_rng(0))
