@@ -72,20 +72,30 @@ def draw_seed(rng):
     return int(rng.integers(0, 2**64, dtype=np.uint64))
 
 
+# Entries hashed per chunk on the host: each of the hash's ~10 NumPy passes then runs over 256 KB that stay in the CPU's
+# cache instead of over the whole array in memory (the Gumbel noise of the tiny preset's step, 304 x 8192: 11.9 ms in
+# one piece, 4.5 ms in chunks; one core). A GPU takes the whole array in one launch per pass.
+HOST_CHUNK = 1 << 15
+
+
 def _hash_bits(xp, seed, shape):
     """(shape) uint64 array (xp = numpy or cupy): the top 24 bits of splitmix64(seed + (index + 1) * golden) for each
     C-order flat index. The uint64 products wrap around, as the hash intends."""
     u64 = xp.uint64
     size = math.prod(shape)
-    z = xp.arange(1, size + 1, dtype=u64)  # index + 1: the kernels' counter
-    z *= u64(HASH_GOLDEN)
-    z += u64(seed)
-    z ^= z >> u64(30)
-    z *= u64(HASH_MIX1)
-    z ^= z >> u64(27)
-    z *= u64(HASH_MIX2)
-    z ^= z >> u64(31)
-    return (z >> u64(64 - HASH_KEEP_BITS)).reshape(shape)
+    chunk = HOST_CHUNK if xp is np else max(size, 1)
+    out = xp.empty(size, dtype=u64)
+    for lo in range(0, size, chunk):
+        z = xp.arange(lo + 1, min(size, lo + chunk) + 1, dtype=u64)  # index + 1: the kernels' counter
+        z *= u64(HASH_GOLDEN)
+        z += u64(seed)
+        z ^= z >> u64(30)
+        z *= u64(HASH_MIX1)
+        z ^= z >> u64(27)
+        z *= u64(HASH_MIX2)
+        z ^= z >> u64(31)
+        out[lo:lo + z.size] = z >> u64(64 - HASH_KEEP_BITS)
+    return out.reshape(shape)
 
 
 def hashed_keep_mask(xp, seed, shape, threshold):

@@ -187,3 +187,9 @@ def test_hashed_uniform_is_uniform_on_0_1():
     expected = u.size / 20
     assert ((counts - expected) ** 2 / expected).sum() < 60  # chi-square, 19 degrees of freedom: p < 1e-5
     assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 0.01  # neighbours independent
+
+
+def test_hash_is_the_same_in_host_chunks_and_across_their_boundaries(monkeypatch):
+    whole = [splitmix64(5, i + 1) >> 40 for i in range(70)]
+    monkeypatch.setattr(dropout, "HOST_CHUNK", 16)  # 70 entries: four full chunks and a partial one
+    assert dropout._hash_bits(np, 5, (7, 10)).ravel().tolist() == whole
