@@ -17,7 +17,8 @@
 # - why `kernels.numba_cpu` sets `OMP_WAIT_POLICY=PASSIVE`;
 # - how to check a float32 kernel against the reference, and how to time it (`minielectra.bench.bench_ops`);
 # - why two shards of a batch on two threads beat one batch on two cores, and how their gradients add up exactly;
-# - what the BLAS's GEMM kernels and the memory allocator do to a step's time, outside every kernel.
+# - what the BLAS's GEMM kernels and the memory allocator do to a step's time, outside every kernel;
+# - two things that keep a Numba loop from becoming SIMD code: a range stepped by four, a division that may raise.
 #
 # Needs the `numba` extra (`pip install -e '.[numba]'`); without it the lesson says so and stops.
 #
@@ -352,6 +353,70 @@ else:
     print("the allocator probe needs Linux with glibc")
 
 # %% [markdown]
+# ## 8. What keeps a loop scalar
+#
+# A kernel is fast when LLVM turns its inner loop into SIMD code: 8 or 16 float32 lanes per instruction. Two ordinary
+# ways of writing a loop stop it, and neither shows in the results, only in the time.
+#
+# **A stepped range.** The row sums run in four interleaved partial sums (`_common.row_sum`): one running sum waits
+# for each addition in turn. Written `for j in range(0, T - 3, 4)`, LLVM leaves the loop scalar; counting blocks,
+# `for b in range(T // 4): j = 4 * b`, makes the same additions in the same order, and it vectorises. Measured on one
+# core, a dot product of rows of 512 floats went from 0.73 to 0.25 ns per entry, the layer norm's forward at
+# 2048 x 128 from 240-260 to 120-150 us.
+#
+# **A division that may raise.** Numba's default `error_model="python"` checks every division for a zero divisor to
+# raise ZeroDivisionError, and that branch keeps the loop scalar. `error_model="numpy"` returns inf or NaN as NumPy
+# does (what the reference does anyway): a loop of (x - 1) / (x + 1) went from 1.03 to 0.16 ns per entry. The Gumbel
+# sampler's log (`_common.log_for_float32`) divides once per entry; it is compiled this way.
+
+# %%
+from numba import njit  # noqa: E402
+
+
+@njit
+def dot_stepped(x, y):
+    s0 = s1 = s2 = s3 = np.float32(0)
+    for j in range(0, x.size - 3, 4):
+        s0 += x[j] * y[j]
+        s1 += x[j + 1] * y[j + 1]
+        s2 += x[j + 2] * y[j + 2]
+        s3 += x[j + 3] * y[j + 3]
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit
+def dot_blocks(x, y):
+    s0 = s1 = s2 = s3 = np.float32(0)
+    for b in range(x.size // 4):
+        j = 4 * b
+        s0 += x[j] * y[j]
+        s1 += x[j + 1] * y[j + 1]
+        s2 += x[j + 2] * y[j + 2]
+        s3 += x[j + 3] * y[j + 3]
+    return (s0 + s1) + (s2 + s3)
+
+
+def ratio(x, out):
+    for i in range(x.size):
+        out[i] = (x[i] - 1.0) / (x[i] + 1.0)
+
+
+ratio_python, ratio_numpy = njit(ratio), njit(error_model="numpy")(ratio)
+
+x8 = np.random.default_rng(3).standard_normal(1 << 20).astype(np.float32)  # a multiple of 4: no tail
+y8, out8 = x8[::-1].copy(), np.empty_like(x8)
+assert dot_stepped(x8, y8) == dot_blocks(x8, y8)  # the same additions in the same order: the same bits
+for name, fn in (("dot, range stepped by 4", lambda: dot_stepped(x8, y8)),
+                 ("dot, blocks of 4", lambda: dot_blocks(x8, y8)),
+                 ("divide, error_model python", lambda: ratio_python(x8, out8)),
+                 ("divide, error_model numpy", lambda: ratio_numpy(x8, out8))):
+    fn()  # compile
+    t = time.perf_counter()
+    for _ in range(20):
+        fn()
+    print(f"{name:<28} {(time.perf_counter() - t) / 20 / x8.size * 1e9:.2f} ns per entry")
+
+# %% [markdown]
 # ## The kernels' backward passes, checked against their own forwards
 #
 # Agreeing with the reference is one proof; the other is the one every reference op gets. The kernels compile for
@@ -372,6 +437,10 @@ rows_k += check_op(lambda x, gamma, beta: k_ln.layernorm_forward(x, gamma, beta)
                    ["x", "gamma", "beta"])
 rows_k += check_op(lambda x, b: k_act.bias_gelu_forward(x, b), k_act.bias_gelu_backward,
                    dict(x=r.standard_normal((6, 9)), b=r.standard_normal(9)), ["x", "b"])
+rows_k += check_op(lambda x, residual, gamma, beta: k_ln.dropout_add_layernorm_forward(
+    x, residual, gamma, beta, 0.3, np.random.default_rng(2)), k_ln.dropout_add_layernorm_backward,
+    dict(x=r.standard_normal((6, 7)), residual=r.standard_normal((6, 7)), gamma=r.standard_normal(7),
+         beta=r.standard_normal(7)), ["x", "residual", "gamma", "beta"])
 print(format_table(rows_k, title="Numba kernels, float64, against their own forwards"))
 assert all(row.ok for row in rows_k)
 

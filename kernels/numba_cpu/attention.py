@@ -177,26 +177,18 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
                     p[:] = zero
                     g[:] = zero
                     continue
-                # Two passes over the row where there were five: each loop does what its entries allow before the
-                # row's dot product (T = 512, B 8, H 2, D 64, 2 cores: backward 10.0-10.7 -> X ms).
+                for j in range(T):  # the forward's weights, by the forward's operations
+                    p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
                 if use_drop:
                     keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
-                    for j in range(T):
-                        # the forward's weights, by the forward's operations; g from dropped = p * keep / (1 - p_drop)
-                        p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
+                    for j in range(T):  # from dropped = p * keep / (1 - p_drop)
                         g[j] = g[j] * drop_scale if kept[j] else zero
-                    dot = row_dot(g, p, zero)
+                dot = row_dot(g, p, zero)
+                for j in range(T):  # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0
+                    g[j] = p[j] * (g[j] - dot) * scale
+                if use_drop:
                     for j in range(T):
-                        # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0; then p dropped for dv
-                        pj = p[j]
-                        g[j] = pj * (g[j] - dot) * scale
-                        p[j] = pj * drop_scale if kept[j] else zero
-                else:
-                    for j in range(T):
-                        p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
-                    dot = row_dot(g, p, zero)
-                    for j in range(T):
-                        g[j] = p[j] * (g[j] - dot) * scale
+                        p[j] = p[j] * drop_scale if kept[j] else zero
             # dv and dk sum over the blocks: the first block's share is written in place, the others added to it
             if r0 == 0:
                 np.dot(P.T, gb, dv[bh])  # from out = dropped @ v
