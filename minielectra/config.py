@@ -85,7 +85,7 @@ class ElectraConfig:
 class TrainConfig:
     seq_len: int = 128  # tokens per packed sequence, [CLS] and [SEP] included
     batch_size: int = 32
-    steps: int = 800  # the tiny preset's default run: ~4 minutes on 2 cores with the Numba kernels
+    steps: int = 800  # the tiny preset's default run: about 2 minutes on 2 cores with the Numba kernels
     learning_rate: float = 5e-4
     warmup_steps: int = 80  # linear warm-up, then linear decay to 0 at `steps`
     weight_decay: float = 0.01  # not applied to biases and LayerNorm
