@@ -191,7 +191,7 @@ def row_dot(x, y, zero):
 _GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (_dropout.HASH_GOLDEN, _dropout.HASH_MIX1, _dropout.HASH_MIX2))
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _S_TOP = np.uint64(64 - _dropout.HASH_KEEP_BITS)
-_ONE = np.uint64(1)
+ONE_U64 = np.uint64(1)  # a counter's step: uint64 + uint64 stays uint64
 
 
 @njit(cache=True, inline="always")
@@ -215,5 +215,5 @@ def keep_row(kept, seed, counter, threshold):
     """kept[j] = the keep bit of flat index counter + j. A loop of its own: LLVM vectorises the integer hash here, where
     beside an exp call it would run one entry at a time."""
     for j in range(kept.shape[0]):
-        counter += _ONE  # the hash counts from flat index + 1
+        counter += ONE_U64  # the hash counts from flat index + 1
         kept[j] = keep(seed, counter, threshold)

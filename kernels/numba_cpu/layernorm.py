@@ -17,7 +17,7 @@ backward.
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import _ONE, as_2d, float_dtype, keep, n_chunks, row_sum
+from kernels.numba_cpu._common import ONE_U64, as_2d, float_dtype, keep, n_chunks, row_sum
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache
@@ -71,7 +71,7 @@ def _dropout_add_forward(x, residual, gamma, beta, eps, one, fC, seed, threshold
         s = xhat[i]
         counter = np.uint64(i * C)
         for j in range(C):
-            counter += _ONE  # the hash counts from flat index + 1
+            counter += ONE_U64  # the hash counts from flat index + 1
             s[j] = residual[i, j] + (x[i, j] * drop_scale if keep(seed, counter, threshold) else zero)
         rstd[i] = _normalise_row(s, gamma, beta, eps, one, fC, y[i], xhat[i])
 
@@ -132,7 +132,7 @@ def _dropout_add_backward(dout, xhat, rstd, gamma, fC, seed, threshold, drop_sca
             _backward_row(dout[i], xhat[i], rstd[i], gamma, fC, ds, pgamma[c], pbeta[c])
             counter = np.uint64(i * C)
             for j in range(C):
-                counter += _ONE
+                counter += ONE_U64
                 dx[i, j] = ds[j] * drop_scale if keep(seed, counter, threshold) else zero
 
 

@@ -19,7 +19,7 @@ tokens' scores are that close. The tests allow exactly that.
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import _ONE, hash_bits, log_for_float32, row_max
+from kernels.numba_cpu._common import ONE_U64, hash_bits, log_for_float32, row_max
 from minielectra.ops.dropout import HASH_KEEP_BITS, draw_seed
 from minielectra.ops.softmax import GUMBEL_GUARD, check_gumbel_args
 
@@ -43,7 +43,7 @@ def _gumbel_argmax(logits, t, seed, out):
             n = min(W, V - j0)
             counter = np.uint64(i * V + j0)
             for jj in range(n):
-                counter += _ONE  # the hash counts from flat index + 1
+                counter += ONE_U64  # the hash counts from flat index + 1
                 u[jj] = np.float32(hash_bits(seed, counter)) * _TO_UNIT
             row = logits[i, j0:j0 + n]
             for jj in range(n):
