@@ -14,7 +14,7 @@ import numpy as np
 from kernels.cupy_gpu import _common
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
-from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache
+from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, dropout_add_setup
 
 WARPS_PER_BLOCK = 4  # rows per block of the row kernels
 PARTIAL_THREADS = 256
@@ -91,15 +91,9 @@ def layernorm_backward(dout, cache):
 
 def dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
     """x, residual (..., C), gamma, beta (C,) -> LN(residual + dropout(x)) (..., C)."""
-    checks.float_array("x", x)
-    checks.float_array("residual", residual)
-    checks.shape("residual", residual, x.shape, "(..., C) like x")
-    checks.probability("p", p)
     _common.require_device_arrays("dropout_add_layernorm_forward",
                                   "minielectra.ops.layernorm.dropout_add_layernorm_forward", x=x, residual=residual)
-    threshold = _dropout.drop_threshold(p) if train else 0
-    seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
-    drop_scale = 1.0 / (1.0 - p)
+    seed, threshold, drop_scale = dropout_add_setup(x, residual, p, rng, train)  # the reference's draw: its mask
     y, ln = layernorm_forward(residual + _dropout.hashed_dropout(x, seed, threshold, drop_scale), gamma, beta, eps)
     return y, DropoutAddNormCache(ln, seed, threshold, drop_scale)
 

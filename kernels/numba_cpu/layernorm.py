@@ -19,8 +19,7 @@ from numba import njit, prange
 
 from kernels.numba_cpu._common import ONE_U64, as_2d, float_dtype, keep, n_chunks, row_sum
 from minielectra.ops import checks
-from minielectra.ops import dropout as _dropout
-from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache
+from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, dropout_add_setup
 
 
 @njit(cache=True, inline="always")
@@ -181,15 +180,9 @@ def layernorm_backward(dout, cache):
 
 def dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
     """x, residual (..., C), gamma, beta (C,) -> LN(residual + dropout(x)) (..., C)."""
-    checks.float_array("x", x)
-    checks.float_array("residual", residual)
-    checks.shape("residual", residual, x.shape, "(..., C) like x")
-    checks.probability("p", p)
+    seed, threshold, drop_scale = dropout_add_setup(x, residual, p, rng, train)  # the reference's draw: its mask
     C = x.shape[-1]
     _check_params(gamma, beta, C)
-    threshold = _dropout.drop_threshold(p) if train else 0
-    seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
-    drop_scale = 1.0 / (1.0 - p)
     dt = float_dtype(x, residual, gamma, beta)
     x2 = as_2d(x, dt)  # (N, C)
     N = x2.shape[0]

@@ -57,6 +57,18 @@ class DropoutAddNormCache(NamedTuple):
     drop_scale: float  # 1 / (1 - p)
 
 
+def dropout_add_setup(x, residual, p, rng, train):
+    """The fused op's argument checks and its one draw from rng, shared with its kernels -> (seed, threshold,
+    drop_scale); gamma and beta are checked by the layer norm."""
+    checks.float_array("x", x)
+    checks.float_array("residual", residual)
+    checks.shape("residual", residual, x.shape, "(..., C) like x")
+    checks.probability("p", p)
+    threshold = drop_threshold(p) if train else 0
+    seed = draw_seed(rng) if threshold else 0
+    return seed, threshold, 1.0 / (1.0 - p)
+
+
 def dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
     """x, residual (..., C), gamma, beta (C,) -> LN(residual + dropout(x)) (..., C): how each post-LN sublayer ends
     (BERT's `LayerNorm(dropout(dense(h)) + input)`), as one op so a kernel can do it in one pass over each row.
@@ -65,13 +77,7 @@ def dropout_add_layernorm_forward(x, residual, gamma, beta, p, rng, train=True, 
     keep bit of each entry a hash of (seed, flat index). The backward recomputes it from the seed, so the cache holds
     no mask, and a kernel decides each entry inside its row loop.
     """
-    checks.float_array("x", x)
-    checks.float_array("residual", residual)
-    checks.shape("residual", residual, x.shape, "(..., C) like x")
-    checks.probability("p", p)
-    threshold = drop_threshold(p) if train else 0
-    seed = draw_seed(rng) if threshold else 0
-    drop_scale = 1.0 / (1.0 - p)
+    seed, threshold, drop_scale = dropout_add_setup(x, residual, p, rng, train)
     s = residual + hashed_dropout(x, seed, threshold, drop_scale)  # (..., C)
     y, ln = layernorm_forward(s, gamma, beta, eps)
     return y, DropoutAddNormCache(ln, seed, threshold, drop_scale)
