@@ -3,7 +3,7 @@ sublayer end LN(residual + dropout(x))."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from minielectra.gradcheck import check_op, format_table
@@ -220,6 +220,7 @@ def test_dropout_add_layernorm_without_dropout_draws_nothing():
 @settings(max_examples=30, deadline=None)
 @given(seed=SEEDS, lead=LEAD, C=st.integers(3, 8), scale=st.sampled_from([0.1, 1.0, 30.0]),
        offset=st.sampled_from([0.0, 1000.0, -1000.0]), p=st.sampled_from([0.0, 0.1, 0.5]))
+@example(seed=229939, lead=[], C=3, scale=0.1, offset=0.0, p=0.0)  # a near-cancelling sum: skipped, not failed
 def test_dropout_add_layernorm_grads(seed, lead, C, scale, offset, p):
     # +-1000 enters as the residual's offset, as in test_grads_of_x_gamma_beta; the same rng seed each call replays
     # the same mask, so the finite differences see the function the backward differentiates.
@@ -227,6 +228,10 @@ def test_dropout_add_layernorm_grads(seed, lead, C, scale, offset, p):
 
     def forward(x, residual, gamma, beta):
         return dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed))
+
+    # The layer norm sees the sum, whose rows x and the residual can nearly cancel (seen: spread 0.00065 from two rows
+    # of spread 0.1, C = 3): there the finite difference itself is off (_inputs' comment), so such draws are skipped.
+    assume(np.all(1 / forward(x, residual, gamma, beta)[1].ln.rstd >= 0.5 * scale))
 
     def backward(dout, cache):
         return dropout_add_layernorm_backward(dout, cache)
