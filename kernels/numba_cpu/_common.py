@@ -43,19 +43,20 @@ def exp(x):
     return math.exp(x)
 
 
-# exp(x) = 2^k e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, in float64: a polynomial, and 2^k made by writing
-# k + 1023 into a float64's exponent bits, all plain arithmetic, which LLVM turns into SIMD code. The C library's expf,
-# which math.exp calls, is a function call per element, so a loop around it runs one element at a time. Measured on 2
-# cores (tiny preset, batch 32 x 128, `bench_ops`), math.exp -> this: attention forward + backward 9.0 -> 7.8 ms,
-# bias + GELU 17.6 -> 14.2 ms, softmax cross-entropy 8.9 -> 5.7 ms; the whole training step 1.17-1.23x -> 1.39x
-# PyTorch's tokens/s. A loop that also calls another C function (log1p in the sigmoid loss) stays one element at a
-# time, and there math.exp is the faster of the two. Accuracy: the degree-8 Taylor polynomial's error on |r| <= 0.35
-# is below 2e-10, so the float32 result is within 0.503 ulp of e**x (measured over 6 M inputs; np.exp is within 2.4
-# ulp). Overflow and underflow come out as float32's: inf above 88.73, 0 below -103.98. float64 inputs keep math.exp:
-# this polynomial is not accurate to float64's last bit.
-# exp_for_float32 is compiled on its own with CONTRACT, not inlined by numba (which would compile it with the caller's
-# flags); LLVM still inlines it into the calling loop and vectorises it there. A loop of exp over 2 M float32 on one
-# core: 2.1 ms when 2^k was nine conditional squarings, 1.2 ms with the exponent bits, 0.7 ms with CONTRACT too.
+# exp(x) = 2^k e^r with k = round(x / ln 2) and |r| <= ln 2 / 2: a polynomial in r, and 2^k made by writing k into a
+# float's exponent bits, all plain arithmetic, which LLVM turns into SIMD code. The C library's expf, which math.exp
+# calls, is a function call per element, so a loop around it runs one element at a time. Measured on 2 cores (tiny
+# preset, batch 32 x 128, `bench_ops`), math.exp -> plain arithmetic: attention forward + backward 9.0 -> 7.8 ms,
+# bias + GELU 17.6 -> 14.2 ms, softmax cross-entropy 8.9 -> 5.7 ms. A loop that also calls another C function (log1p in
+# the sigmoid loss) stays one element at a time, and there math.exp is the faster of the two.
+# Two versions. exp_for_float32 works in float64 (eight lanes of a 512-bit register): accurate to 2e-10, for the float64
+# polynomials of GELU's Phi, whose result must round correctly. exp_float32 works in float32 (sixteen lanes), for the
+# float32 kernels' own exps (attention's weights, the MLM softmax): within one ulp (0.99 measured over 2 M inputs,
+# tests/kernels/test_common.py; NumPy's float32 exp, the reference's, is within 2.4). One core, a row loop of
+# exp(s * scale - m) over float32: 0.47 ns per entry with exp_for_float32, 0.18 with exp_float32.
+# Each is compiled on its own with CONTRACT, not inlined by numba (which would compile it with the caller's flags);
+# LLVM still inlines it into the calling loop and vectorises it there. A loop of exp over 2 M float32 on one core: 2.1 ms
+# when 2^k was nine conditional squarings, 1.2 ms with the exponent bits, 0.7 ms with CONTRACT too.
 _EXP_LO, _EXP_HI = -110.0, 89.0  # beyond these e**x is 0 or inf in float32; the clamp keeps 2^k a normal float64
 _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
@@ -85,6 +86,65 @@ def exp_for_float32(x):
         1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320))))))))
     # 2^k: k + 1023 in float64's exponent field, a zero mantissa. |k| <= 160, so the result is a normal number.
     return p * _float64_from_bits((np.int64(k) + 1023) << 52)
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits`, as _float64_from_bits."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _bits_of_float32(typingctx, x):
+    """The int32 bit pattern of the float32 x."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+# Adding 1.5 * 2^23 to a float32 of magnitude below 2^22 rounds it to an integer, which then sits in the sum's low
+# mantissa bits: k as a float32 (subtract it again) and as an int (subtract the sum's bits), with no float-to-int
+# conversion, which would run at half the SIMD width.
+_ROUNDER = np.float32(1.5 * 2**23)
+_ROUNDER_BITS = 0x4B400000  # the bit pattern of _ROUNDER
+# ln 2 = _LN2_HI + _LN2_LO (Cody and Waite): _LN2_HI has few enough mantissa bits that k * _LN2_HI is exact for |k| < 2^9.
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP32_P = tuple(np.float32(c) for c in (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3,
+                                    1.3981999507e-3, 1.9875691500e-4))  # Cephes' expf: e^r - 1 - r = r^2 P(r)
+_EXP32_LO, _EXP32_HI, _INV_LN2_32, _ONE32 = np.float32(_EXP_LO), np.float32(_EXP_HI), np.float32(_INV_LN2), np.float32(1.0)
+
+
+@njit(cache=True, inline="always")
+def _pow2_float32(k):
+    """2^k as a float32 for an integer k in [-126, 127]: k + 127 in the exponent field."""
+    return _float32_from_bits(np.int32((k + 127) << 23))
+
+
+@njit(cache=True, fastmath=CONTRACT, error_model="numpy")
+def exp_float32(x):
+    """e**x of a float32 x in float32 arithmetic, within one ulp (subnormal results included): inf above 88.73, 0 below
+    -103.98, as float32's e**x."""
+    v = min(max(x, _EXP32_LO), _EXP32_HI)
+    t = v * _INV_LN2_32 + _ROUNDER
+    k = t - _ROUNDER  # round(v / ln 2), in [-159, 129]
+    r = (v - k * _LN2_HI) - k * _LN2_LO
+    c = _EXP32_P
+    p = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
+    e = _ONE32 + (r + r * r * p)
+    # 2^k in two normal factors: e 2^k1 is exact, and the second product rounds once, to a subnormal if it must.
+    ki = _bits_of_float32(t) - _ROUNDER_BITS
+    k1 = ki >> 1
+    return (e * _pow2_float32(k1)) * _pow2_float32(ki - k1)
 
 
 @intrinsic
@@ -130,7 +190,7 @@ def _exp_overload(x):
         return lambda x: math.exp(x)
     if x != types.float32:
         return None
-    return lambda x: np.float32(exp_for_float32(np.float64(x)))
+    return lambda x: exp_float32(x)
 
 
 @njit(cache=True, inline="always")
