@@ -18,7 +18,7 @@
 # - how to check a float32 kernel against the reference, and how to time it (`minielectra.bench.bench_ops`);
 # - why two shards of a batch on two threads beat one batch on two cores, and how their gradients add up exactly;
 # - what the BLAS's GEMM kernels and the memory allocator do to a step's time, outside every kernel;
-# - two things that keep a Numba loop from becoming SIMD code: a range stepped by four, a division that may raise.
+# - two things that keep a Numba loop from becoming SIMD code: a sum kept in order, a division that may raise.
 #
 # Needs the `numba` extra (`pip install -e '.[numba]'`); without it the lesson says so and stops.
 #
@@ -358,11 +358,14 @@ else:
 # A kernel is fast when LLVM turns its inner loop into SIMD code: 8 or 16 float32 lanes per instruction. Two ordinary
 # ways of writing a loop stop it, and neither shows in the results, only in the time.
 #
-# **A stepped range.** The row sums run in four interleaved partial sums (`_common.row_sum`): one running sum waits
-# for each addition in turn. Written `for j in range(0, T - 3, 4)`, LLVM leaves the loop scalar; counting blocks,
-# `for b in range(T // 4): j = 4 * b`, makes the same additions in the same order, and it vectorises. Measured on one
-# core, a dot product of rows of 512 floats went from 0.73 to 0.25 ns per entry, the layer norm's forward at
-# 2048 x 128 from 240-260 to 120-150 us.
+# **A sum in order.** A running sum is a chain of additions, each waiting for the one before. Float addition is not
+# associative, so LLVM keeps the order written, one lane at a time. Four partial sums written by hand let the CPU run
+# four chains side by side (and a loop counting blocks, `for b in range(T // 4): j = 4 * b`, lets LLVM unroll it; a
+# range stepped by four does not), but each is still one lane. Numba's `fastmath={"reassoc"}` allows reordering, and
+# LLVM then keeps 16-lane partial sums in vector registers. The row reductions of every kernel (`_common.row_sum`,
+# `row_dot`) are compiled this way: the order of their additions, and so the last bits of their results, is LLVM's,
+# the same on every run of one machine. The max is exact in any order; `_common.row_max` uses LLVM's `maxnum`, which
+# vectorises where Python's `max` (a compare and a branch) does not.
 #
 # **A division that may raise.** Numba's default `error_model="python"` checks every division for a zero divisor to
 # raise ZeroDivisionError, and that branch keeps the loop scalar. `error_model="numpy"` returns inf or NaN as NumPy
@@ -373,19 +376,15 @@ else:
 from numba import njit  # noqa: E402
 
 
-@njit
-def dot_stepped(x, y):
-    s0 = s1 = s2 = s3 = np.float32(0)
-    for j in range(0, x.size - 3, 4):
-        s0 += x[j] * y[j]
-        s1 += x[j + 1] * y[j + 1]
-        s2 += x[j + 2] * y[j + 2]
-        s3 += x[j + 3] * y[j + 3]
-    return (s0 + s1) + (s2 + s3)
+def dot_in_order(x, y):
+    s = np.float32(0)
+    for j in range(x.size):
+        s += x[j] * y[j]
+    return s
 
 
 @njit
-def dot_blocks(x, y):
+def dot_four_chains(x, y):
     s0 = s1 = s2 = s3 = np.float32(0)
     for b in range(x.size // 4):
         j = 4 * b
@@ -396,6 +395,9 @@ def dot_blocks(x, y):
     return (s0 + s1) + (s2 + s3)
 
 
+dot_one_chain, dot_simd = njit(dot_in_order), njit(fastmath={"reassoc"})(dot_in_order)
+
+
 def ratio(x, out):
     for i in range(x.size):
         out[i] = (x[i] - 1.0) / (x[i] + 1.0)
@@ -403,18 +405,20 @@ def ratio(x, out):
 
 ratio_python, ratio_numpy = njit(ratio), njit(error_model="numpy")(ratio)
 
-x8 = np.random.default_rng(3).standard_normal(1 << 20).astype(np.float32)  # a multiple of 4: no tail
+x8 = np.random.default_rng(3).standard_normal(1 << 16).astype(np.float32)  # 256 KB: in cache, as a kernel's rows
 y8, out8 = x8[::-1].copy(), np.empty_like(x8)
-assert dot_stepped(x8, y8) == dot_blocks(x8, y8)  # the same additions in the same order: the same bits
-for name, fn in (("dot, range stepped by 4", lambda: dot_stepped(x8, y8)),
-                 ("dot, blocks of 4", lambda: dot_blocks(x8, y8)),
+exact = float(x8.astype(np.float64) @ y8.astype(np.float64))
+for name, fn in (("dot, one chain", lambda: dot_one_chain(x8, y8)),
+                 ("dot, four chains", lambda: dot_four_chains(x8, y8)),
+                 ("dot, reassoc (SIMD)", lambda: dot_simd(x8, y8)),
                  ("divide, error_model python", lambda: ratio_python(x8, out8)),
                  ("divide, error_model numpy", lambda: ratio_numpy(x8, out8))):
-    fn()  # compile
+    result = fn()  # compile
     t = time.perf_counter()
-    for _ in range(20):
+    for _ in range(200):
         fn()
-    print(f"{name:<28} {(time.perf_counter() - t) / 20 / x8.size * 1e9:.2f} ns per entry")
+    took = f"{(time.perf_counter() - t) / 200 / x8.size * 1e9:.3f} ns per entry"
+    print(f"{name:<28} {took}" + (f"   relative error {abs(result - exact) / abs(exact):.1e}" if "dot" in name else ""))
 
 # %% [markdown]
 # ## The kernels' backward passes, checked against their own forwards

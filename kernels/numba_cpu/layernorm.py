@@ -17,34 +17,24 @@ backward.
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import ONE_U64, as_2d, float_dtype, keep, n_chunks, row_sum
+from kernels.numba_cpu._common import ONE_U64, REDUCE, as_2d, float_dtype, keep, n_chunks, row_sum
 from minielectra.ops import checks
 from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, dropout_add_setup
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=REDUCE)
 def _row_sq_dev(x, c, zero):
-    """sum((x - c)^2) in four interleaved partial sums, as _common.row_sum."""
-    s0 = s1 = s2 = s3 = zero
-    C = x.shape[0]
-    for b in range(C // 4):
-        j = 4 * b
-        d0, d1, d2, d3 = x[j] - c, x[j + 1] - c, x[j + 2] - c, x[j + 3] - c
-        s0 += d0 * d0
-        s1 += d1 * d1
-        s2 += d2 * d2
-        s3 += d3 * d3
-    for j in range(C - C % 4, C):
-        d0 = x[j] - c
-        s0 += d0 * d0
-    return (s0 + s1) + (s2 + s3)
+    """sum((x - c)^2) in SIMD partial sums, as _common.row_sum."""
+    s = zero
+    for j in range(x.shape[0]):
+        d = x[j] - c
+        s += d * d
+    return s
 
 
 @njit(cache=True, inline="always")
 def _normalise_row(s, gamma, beta, eps, one, fC, y, xhat):
-    """y, xhat of one row s (which may be xhat itself: each entry is read before it is written); returns rstd. The mean
-    and variance sums run in four chains each (_common.row_sum), which LLVM vectorises: 2048 x 128 float32 on one
-    core, 240-260 us with one chain each -> 120-150 us."""
+    """y, xhat of one row s (which may be xhat itself: each entry is read before it is written); returns rstd."""
     zero = one - one
     mean = row_sum(s, zero) / fC
     r = one / np.sqrt(_row_sq_dev(s, mean, zero) / fC + eps)  # biased variance, as the reference
@@ -75,27 +65,15 @@ def _dropout_add_forward(x, residual, gamma, beta, eps, one, fC, seed, threshold
         rstd[i] = _normalise_row(s, gamma, beta, eps, one, fC, y[i], xhat[i])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=REDUCE)
 def _g_sums(d, gamma, xh, zero):
-    """(sum(g), sum(g * xh)) with g = d * gamma, each in four interleaved partial sums, as _common.row_sum."""
-    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = zero
-    C = d.shape[0]
-    for b in range(C // 4):
-        j = 4 * b
-        g0, g1, g2, g3 = d[j] * gamma[j], d[j + 1] * gamma[j + 1], d[j + 2] * gamma[j + 2], d[j + 3] * gamma[j + 3]
-        a0 += g0
-        a1 += g1
-        a2 += g2
-        a3 += g3
-        b0 += g0 * xh[j]
-        b1 += g1 * xh[j + 1]
-        b2 += g2 * xh[j + 2]
-        b3 += g3 * xh[j + 3]
-    for j in range(C - C % 4, C):
-        g0 = d[j] * gamma[j]
-        a0 += g0
-        b0 += g0 * xh[j]
-    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3)
+    """(sum(g), sum(g * xh)) with g = d * gamma, in SIMD partial sums, as _common.row_sum."""
+    sg = sgx = zero
+    for j in range(d.shape[0]):
+        g = d[j] * gamma[j]
+        sg += g
+        sgx += g * xh[j]
+    return sg, sgx
 
 
 @njit(cache=True, inline="always")

@@ -24,8 +24,9 @@ def _softmax_ce(logits, targets, w, denom, one, wlogp, dlogits):
         m = row_max(logits[i], logits[i, 0])
         for j in range(V):  # exp(x - max) parked in dlogits: the row stays in cache for the next passes
             dlogits[i, j] = exp(logits[i, j] - m)
-        # A loop of its own (the exp loop above runs in SIMD, a running sum cannot), in four chains, in float64: a
-        # vocabulary is thousands of terms, which one float32 chain would add with up to V / 2 ulps of error.
+        # A loop of its own, in SIMD partial sums (_common.row_sum, whose reordering stays off this kernel's other
+        # arithmetic), in float64: a vocabulary is thousands of terms, which one float32 chain would add with up to
+        # V / 2 ulps of error.
         s = dlogits.dtype.type(row_sum(dlogits[i], 0.0))
         t = targets[i]
         wlogp[i] = w[i] * (logits[i, t] - m - math.log(s))

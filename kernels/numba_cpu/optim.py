@@ -33,7 +33,7 @@ def _sum_chunk(g, acc, lo, hi):
     # one pass over their 57 MB takes about 2.5; the rest is the per-tensor calls).
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     blocks = (hi - lo) // _LANES
-    for b in range(blocks):  # counting blocks, not stepping i by 8: only this form vectorises (_common.row_max)
+    for b in range(blocks):  # counting blocks, not stepping i by 8, which LLVM would not unroll (lesson 11, section 8)
         i = lo + _LANES * b
         x0, x1, x2, x3 = np.float64(g[i]), np.float64(g[i + 1]), np.float64(g[i + 2]), np.float64(g[i + 3])
         x4, x5, x6, x7 = np.float64(g[i + 4]), np.float64(g[i + 5]), np.float64(g[i + 6]), np.float64(g[i + 7])
