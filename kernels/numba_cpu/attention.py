@@ -20,9 +20,10 @@ and again in the backward. The same seed drops the same weights as the reference
 The GEMMs stay on BLAS (numba's np.dot on contiguous 2-D slices): seven per head, one more than the reference, since
 the backward recomputes the scores. What sits between them is fused: the reference makes separate (B, H, T, T) passes
 for the scale, mask, max, exp, sum, divide, dropout and the softmax backward, each writing a new array. The GEMMs
-set the floor: on 2 cores at T = 512 (B 8, H 2, D 64, OpenBLAS's AVX-512 kernels) the seven of them take about 14 ms,
-the kernel 17-18 ms, and the reference 79-88 ms with dropout 0.1 (its hashed mask is several NumPy passes over
-(B, H, T, T) uint64 arrays), 42 ms without. And it keeps no (T, T) array.
+set the floor: at T = 512 (B 8, H 2, D 64, dropout 0.1, OpenBLAS's AVX-512 kernels) on one core the seven of them take
+19.7 ms and the kernel 24.3 (forward 7.4, backward 16.9); on 2 cores (`bench --ops`) the kernel takes 12.5-12.7 ms and
+the reference 39-40. Of the 4.6 ms between the GEMMs on one core, the exps take about 1.8 and the dropout hash 1.
+And it keeps no (T, T) array.
 """
 
 import contextlib
