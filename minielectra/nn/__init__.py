@@ -7,6 +7,8 @@ contributions) and returns the gradient of its input.
 
 import numpy as np
 
+from minielectra.backend import get_xp
+
 
 def truncated_normal(rng, shape, std, dtype=np.float32):
     """Normal(0, std) redrawn outside +-2 std, as TensorFlow's truncated_normal that ELECTRA's code initialises with."""
@@ -36,5 +38,6 @@ def init_params(shapes, rng, std=0.02, dtype=np.float32):
 
 
 def zeros_like(params):
-    """A grads dict: zeros with the keys, shapes and dtypes (and array library) of params."""
-    return {k: v * 0 for k, v in params.items()}
+    """A grads dict: zeros with the keys, shapes and dtypes (and array library) of params. zeros_like writes the zeros
+    without reading the params, where params * 0 read them too (3.4 ms of a one-core step of the small preset)."""
+    return {k: get_xp(v).zeros_like(v) for k, v in params.items()}
