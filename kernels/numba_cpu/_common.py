@@ -55,24 +55,30 @@ def exp(x):
 # tests/kernels/test_common.py; NumPy's float32 exp, the reference's, is within 2.4). One core, a row loop of
 # exp(s * scale - m) over float32: 0.47 ns per entry with exp_for_float32, 0.18 with exp_float32.
 # Each is compiled on its own with CONTRACT, not inlined by numba (which would compile it with the caller's flags);
-# LLVM still inlines it into the calling loop and vectorises it there. A loop of exp over 2 M float32 on one core: 2.1 ms
-# when 2^k was nine conditional squarings, 1.2 ms with the exponent bits, 0.7 ms with CONTRACT too.
+# LLVM still inlines it into the calling loop and vectorises it there. A loop of exp over 2 M float32 on one core:
+# 2.1 ms when 2^k was nine conditional squarings, 1.2 ms with the exponent bits, 0.7 ms with CONTRACT too.
 _EXP_LO, _EXP_HI = -110.0, 89.0  # beyond these e**x is 0 or inf in float32; the clamp keeps 2^k a normal float64
 _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
 
 
+# A float and the integer of its width that share one bit pattern.
+_SAME_BITS = {types.float32: types.int32, types.int32: types.float32,
+              types.float64: types.int64, types.int64: types.float64}
+
+
 @intrinsic
-def _float64_from_bits(typingctx, bits):
-    """The float64 whose IEEE 754 bit pattern is the int64 `bits`: a reinterpretation (C's memcpy idiom, LLVM's
-    bitcast), which numba has no scalar spelling for."""
-    if bits != types.int64:
+def _reinterpret(typingctx, x):
+    """The value whose bit pattern is x's, in the other type of its width: float32 <-> int32, float64 <-> int64. A
+    reinterpretation (C's memcpy idiom, LLVM's bitcast), which numba has no scalar spelling for."""
+    if x not in _SAME_BITS:
         return None
+    kind = _SAME_BITS[x]
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+        return builder.bitcast(args[0], context.get_value_type(kind))
 
-    return types.float64(types.int64), codegen
+    return kind(x), codegen
 
 
 @njit(cache=True, fastmath=CONTRACT)
@@ -85,31 +91,7 @@ def exp_for_float32(x):
     p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
         1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320))))))))
     # 2^k: k + 1023 in float64's exponent field, a zero mantissa. |k| <= 160, so the result is a normal number.
-    return p * _float64_from_bits((np.int64(k) + 1023) << 52)
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the int32 `bits`, as _float64_from_bits."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _bits_of_float32(typingctx, x):
-    """The int32 bit pattern of the float32 x."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
+    return p * _reinterpret((np.int64(k) + 1023) << 52)
 
 
 # Adding 1.5 * 2^23 to a float32 of magnitude below 2^22 rounds it to an integer, which then sits in the sum's low
@@ -117,17 +99,18 @@ def _bits_of_float32(typingctx, x):
 # conversion, which would run at half the SIMD width.
 _ROUNDER = np.float32(1.5 * 2**23)
 _ROUNDER_BITS = 0x4B400000  # the bit pattern of _ROUNDER
-# ln 2 = _LN2_HI + _LN2_LO (Cody and Waite): _LN2_HI has few enough mantissa bits that k * _LN2_HI is exact for |k| < 2^9.
+# ln 2 = _LN2_HI + _LN2_LO (Cody and Waite): _LN2_HI has so few mantissa bits that k * _LN2_HI is exact for |k| < 2^9.
 _LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
 _EXP32_P = tuple(np.float32(c) for c in (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3,
-                                    1.3981999507e-3, 1.9875691500e-4))  # Cephes' expf: e^r - 1 - r = r^2 P(r)
-_EXP32_LO, _EXP32_HI, _INV_LN2_32, _ONE32 = np.float32(_EXP_LO), np.float32(_EXP_HI), np.float32(_INV_LN2), np.float32(1.0)
+                                         1.3981999507e-3, 1.9875691500e-4))  # Cephes' expf: e^r - 1 - r = r^2 P(r)
+_EXP32_LO, _EXP32_HI = np.float32(_EXP_LO), np.float32(_EXP_HI)
+_INV_LN2_32, _ONE32 = np.float32(_INV_LN2), np.float32(1.0)
 
 
 @njit(cache=True, inline="always")
 def _pow2_float32(k):
     """2^k as a float32 for an integer k in [-126, 127]: k + 127 in the exponent field."""
-    return _float32_from_bits(np.int32((k + 127) << 23))
+    return _reinterpret(np.int32((k + 127) << 23))
 
 
 @njit(cache=True, fastmath=CONTRACT, error_model="numpy")
@@ -142,21 +125,9 @@ def exp_float32(x):
     p = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
     e = _ONE32 + (r + r * r * p)
     # 2^k in two normal factors: e 2^k1 is exact, and the second product rounds once, to a subnormal if it must.
-    ki = _bits_of_float32(t) - _ROUNDER_BITS
+    ki = _reinterpret(t) - _ROUNDER_BITS
     k1 = ki >> 1
     return (e * _pow2_float32(k1)) * _pow2_float32(ki - k1)
-
-
-@intrinsic
-def _bits_of_float64(typingctx, x):
-    """The int64 bit pattern of the float64 x: the inverse of _float64_from_bits."""
-    if x != types.float64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
 
 
 # ln x = e ln 2 + ln m for x = m 2^e with m in [sqrt(1/2), sqrt 2), and ln m = 2 atanh(f) = 2 (f + f^3/3 + f^5/5 ...)
@@ -172,9 +143,9 @@ _ONE_BITS = 1023 << 52
 def log_for_float32(x):
     """ln x of a positive normal float64 x (a float32's value, as a float64), within 2e-12 relative: accurate enough
     to round to float32, not to be a float64 result. Zero, negative, subnormal, inf and NaN inputs are not handled."""
-    bits = _bits_of_float64(x)
+    bits = _reinterpret(x)
     e = (bits >> 52) - 1023
-    m = _float64_from_bits((bits & _MANTISSA) | _ONE_BITS)  # [1, 2)
+    m = _reinterpret((bits & _MANTISSA) | _ONE_BITS)  # [1, 2)
     if m > _SQRT2:
         m *= 0.5
         e += 1
