@@ -119,7 +119,7 @@ def exp_float32(x):
     -103.98, as float32's e**x."""
     v = min(max(x, _EXP32_LO), _EXP32_HI)
     t = v * _INV_LN2_32 + _ROUNDER
-    k = t - _ROUNDER  # round(v / ln 2), in [-159, 129]
+    k = t - _ROUNDER  # round(v / ln 2), in [-159, 128]
     r = (v - k * _LN2_HI) - k * _LN2_LO
     c = _EXP32_P
     p = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
@@ -168,7 +168,7 @@ def _exp_overload(x):
 # addition is not associative LLVM keeps the order written: one add at a time, however the loop is unrolled (four
 # chains written by hand run the adds side by side, but still one lane each). Given fastmath "reassoc" it keeps 16-lane
 # partial sums in vector registers and adds them up at the end: on one core, rows of 512 float32 in cache, a sum takes
-# 0.015 ns per entry where four chains took 0.13, a dot product 0.03 where they took 0.24. The order of the additions is
+# 0.015 ns per entry where four chains took 0.13, a dot product 0.04 where they took 0.24. The order of the additions is
 # then LLVM's, set by the CPU's vector width: the same bits on every run on one machine, last-bit differences between an
 # AVX2 and an AVX-512 machine. (clip_scale's global norm, in optim.py, keeps an order fixed by its code instead.) Each
 # function is compiled on its own, not inlined by numba, so the flag stays on its additions and off the caller's
