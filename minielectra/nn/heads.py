@@ -52,7 +52,7 @@ def generator_head_forward(params, prefix, table_key, h, eps):
 
 
 def generator_head_backward(dlogits, cache, grads, prefix, table_key):
-    """Inverts generator_head_forward -> dh (N, C); the tied table's gradient dW.T is added to the embedding's grads."""
+    """Inverts generator_head_forward -> dh (N, C); the tied table's gradient is added to the embedding's grads."""
     x, table_t = cache.lm  # the forward's linear_forward(x, table.T, bias)
     dx = dlogits @ table_t.T  # (N, E): linear_backward's dout @ W.T, with W.T = table
     # The table's gradient in the table's own (V, E) layout, dlogits.T @ x: linear_backward's x.T @ dlogits is (E, V),
