@@ -100,9 +100,9 @@ for name, n, ref_p, ker_p in PASSES:
 # ## 2. Same answers: checking a float32 kernel
 #
 # A kernel must compute what the reference computes. It cannot match it bit for bit: it sums a row in SIMD partial
-# sums (section 8) while NumPy sums pairwise and BLAS in blocks, and float32 addition is not associative. So the check is
-# `assert_allclose` with a float32 tolerance: a relative error of about 1e-5 (float32 has 7 significant digits, and a
-# sum of 128 terms loses a few bits), plus an absolute floor for entries that cancel to near zero.
+# sums (section 8) while NumPy sums pairwise and BLAS in blocks, and float32 addition is not associative. So the
+# check is `assert_allclose` with a float32 tolerance: a relative error of about 1e-5 (float32 has 7 significant
+# digits, and a sum of 128 terms loses a few bits), plus an absolute floor for entries that cancel to near zero.
 
 # %%
 RTOL = 1e-5
