@@ -26,7 +26,6 @@ the reference 39-40. Of the 4.6 ms between the GEMMs on one core, the exps take 
 And it keeps no (T, T) array.
 """
 
-import contextlib
 import math
 from typing import NamedTuple
 
@@ -38,29 +37,15 @@ from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask
 from minielectra.ops.softmax import softmax_forward
+from minielectra.parallel import limit_blas
+
+# Inside the kernels BLAS runs single-threaded (limit_blas(1)): the prange already spreads the heads over the cores,
+# and a multithreaded BLAS call from each of those threads oversubscribes them (2-3x slower, measured).
 
 # Query rows per block: the scratch is (BR, T) per thread, and more rows make fewer, larger BLAS calls. At T = 512
 # (B 8, H 2, D 64, 2 cores) forward + backward took 20.9 ms with 64 rows, 19.3 with 128 and 16.9 with 256; at T = 128
 # the three are within 5 %. The kernels take it as an argument, so the tests can run small blocks on small inputs.
 BR = 256
-
-_blas_controller = []
-
-
-def _one_blas_thread():
-    """Run BLAS single-threaded inside the kernels: the prange already spreads the heads over the cores, and a
-    multithreaded BLAS call from each of those threads oversubscribes them (2-3x slower, measured). Uses threadpoolctl
-    where installed; without it BLAS keeps its own setting (OPENBLAS_NUM_THREADS=1 does the same)."""
-    if not _blas_controller:
-        try:
-            import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls, loaded so it is seen
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _blas_controller.append(None)
-        else:
-            _blas_controller.append(ThreadpoolController())
-    controller = _blas_controller[0]
-    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
 
 class AttentionKernelCache(NamedTuple):
@@ -219,7 +204,7 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     drop_scale = dt.type(1.0 / (1.0 - p_drop))
     consts = np.array([scale, drop_scale, np.inf], dtype=dt)
     if B * H * T:
-        with _one_blas_thread():
+        with limit_blas(1):
             _forward(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D), keys, np.uint64(seed),
                      np.uint64(threshold), threshold > 0, consts, BR, out.reshape(B * H, T, D),
                      rowmax.reshape(B * H, T), rowsum.reshape(B * H, T))
@@ -240,7 +225,7 @@ def attention_backward(dout, cache):
     consts = np.array([scale, drop_scale, np.inf], dtype=dt)
     if B * H * T:
         r = lambda a: a.reshape(B * H, T, D)  # noqa: E731
-        with _one_blas_thread():
+        with limit_blas(1):
             _backward(r(dout), r(q), r(k), r(v), keys, rowmax.reshape(B * H, T), rowsum.reshape(B * H, T),
                       np.uint64(seed), np.uint64(threshold), threshold > 0, consts, block_rows, r(dq), r(dk), r(dv))
     return dq, dk, dv
