@@ -16,9 +16,9 @@ from minielectra.ops import dropout as _dropout
 N_CHUNKS = 32
 
 # Lets LLVM fuse a multiply and the add that follows into one FMA instruction, which rounds once where the pair rounds
-# twice. The float64 polynomials of exp_for_float32 and of GELU's Phi run about twice as fast with it (measured below
-# and in activations.py); their accuracy is measured on code compiled this way (tests/kernels/test_common.py). It is
-# never given to code that mirrors the reference's float32 arithmetic, whose rounding the kernels reproduce.
+# twice. The polynomials of exp, log and GELU's Phi run up to twice as fast with it (measured below); their accuracy is
+# measured on code compiled this way (tests/kernels/test_common.py). It is never given to code that mirrors the
+# reference's float32 arithmetic, whose rounding the kernels reproduce.
 CONTRACT = {"contract"}
 
 
@@ -49,15 +49,14 @@ def exp(x):
 # preset, batch 32 x 128, `bench_ops`), math.exp -> plain arithmetic: attention forward + backward 9.0 -> 7.8 ms,
 # bias + GELU 17.6 -> 14.2 ms, softmax cross-entropy 8.9 -> 5.7 ms. A loop that also calls another C function (log1p in
 # the sigmoid loss) stays one element at a time, and there math.exp is the faster of the two.
-# Two versions. exp_for_float32 works in float64 (eight lanes of a 512-bit register): accurate to 2e-10, for the float64
-# polynomials of GELU's Phi, whose result must round correctly. exp_float32 works in float32 (sixteen lanes), for the
-# float32 kernels' own exps (attention's weights, the MLM softmax): within one ulp (0.99 measured over 2 M inputs,
-# tests/kernels/test_common.py; NumPy's float32 exp, the reference's, is within 2.4). One core, a row loop of
-# exp(s * scale - m) over float32: 0.47 ns per entry with exp_for_float32, 0.18 with exp_float32.
-# Each is compiled on its own with CONTRACT, not inlined by numba (which would compile it with the caller's flags);
+# exp_float32 works in float32 arithmetic (sixteen lanes of a 512-bit register, where float64 has eight), for the
+# float32 kernels' exps (attention's weights, the MLM softmax, GELU's Phi): within one ulp (0.99 measured over 2 M
+# inputs, tests/kernels/test_common.py; NumPy's float32 exp, the reference's, is within 2.4). One core, a row loop of
+# exp(s * scale - m) over float32: 0.47 ns per entry with the same method in float64, 0.18 in float32.
+# It is compiled on its own with CONTRACT, not inlined by numba (which would compile it with the caller's flags);
 # LLVM still inlines it into the calling loop and vectorises it there. A loop of exp over 2 M float32 on one core:
 # 2.1 ms when 2^k was nine conditional squarings, 1.2 ms with the exponent bits, 0.7 ms with CONTRACT too.
-_EXP_LO, _EXP_HI = -110.0, 89.0  # beyond these e**x is 0 or inf in float32; the clamp keeps 2^k a normal float64
+_EXP_LO, _EXP_HI = -110.0, 89.0  # beyond these e**x is 0 or inf in float32
 _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
 
@@ -81,19 +80,6 @@ def _reinterpret(typingctx, x):
     return kind(x), codegen
 
 
-@njit(cache=True, fastmath=CONTRACT)
-def exp_for_float32(x):
-    """e**x of a float64 x by the method above, as a float64 within 2e-10 of it: accurate enough to round to float32,
-    not to be a float64 result. x is clamped to [-110, 89], outside of which float32's e**x is 0 or inf."""
-    v = min(max(x, _EXP_LO), _EXP_HI)
-    k = math.floor(v * _INV_LN2 + 0.5)
-    r = v - k * _LN2
-    p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
-        1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320))))))))
-    # 2^k: k + 1023 in float64's exponent field, a zero mantissa. |k| <= 160, so the result is a normal number.
-    return p * _reinterpret((np.int64(k) + 1023) << 52)
-
-
 # Adding 1.5 * 2^23 to a float32 of magnitude below 2^22 rounds it to an integer, which then sits in the sum's low
 # mantissa bits: k as a float32 (subtract it again) and as an int (subtract the sum's bits), with no float-to-int
 # conversion, which would run at half the SIMD width.
@@ -113,14 +99,9 @@ def _pow2_float32(k):
     return _reinterpret(np.int32((k + 127) << 23))
 
 
-@njit(cache=True, fastmath=CONTRACT, error_model="numpy")
-def exp_float32(x):
-    """e**x of a float32 x in float32 arithmetic, within one ulp (subnormal results included): inf above 88.73, 0 below
-    -103.98, as float32's e**x."""
-    v = min(max(x, _EXP32_LO), _EXP32_HI)
-    t = v * _INV_LN2_32 + _ROUNDER
-    k = t - _ROUNDER  # round(v / ln 2), in [-159, 128]
-    r = (v - k * _LN2_HI) - k * _LN2_LO
+@njit(cache=True, inline="always")
+def _exp32_scaled(t, r):
+    """e^r 2^k in float32, for k held in t = k + 1.5 * 2^23 (its low mantissa bits) and the reduced |r| <= ln 2 / 2."""
     c = _EXP32_P
     p = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
     e = _ONE32 + (r + r * r * p)
@@ -130,9 +111,31 @@ def exp_float32(x):
     return (e * _pow2_float32(k1)) * _pow2_float32(ki - k1)
 
 
+@njit(cache=True, fastmath=CONTRACT, error_model="numpy")
+def exp_float32(x):
+    """e**x of a float32 x in float32 arithmetic, within one ulp (subnormal results included): inf above 88.73, 0 below
+    -103.98, as float32's e**x."""
+    v = min(max(x, _EXP32_LO), _EXP32_HI)
+    t = v * _INV_LN2_32 + _ROUNDER
+    k = t - _ROUNDER  # round(v / ln 2), in [-159, 128]
+    return _exp32_scaled(t, (v - k * _LN2_HI) - k * _LN2_LO)
+
+
+@njit(cache=True, fastmath=CONTRACT, error_model="numpy")
+def exp_float32_sum(hi, lo):
+    """e**(hi + lo) in float32 arithmetic for float32 hi <= 0 and |lo| far below |hi|, without rounding hi + lo: lo
+    joins the reduced argument r, after the exact steps of the reduction. For e^(-h^2 / 2) with h^2 / 2 split into an
+    exact hi and a small lo: rounding h^2 / 2 to float32 first would err by up to 2^-24 h^2 / 2 in the exponent, 64 ulps
+    of the result at h = 14.5 (GELU's Phi, activations.py). Within 1.2 ulps (test_common.py)."""
+    v = max(hi, _EXP32_LO)
+    t = v * _INV_LN2_32 + _ROUNDER
+    k = t - _ROUNDER
+    return _exp32_scaled(t, ((v - k * _LN2_HI) - k * _LN2_LO) + lo)
+
+
 # ln x = e ln 2 + ln m for x = m 2^e with m in [sqrt(1/2), sqrt 2), and ln m = 2 atanh(f) = 2 (f + f^3/3 + f^5/5 ...)
 # with f = (m - 1) / (m + 1), |f| <= 0.172: seven terms leave a relative error below 2e-12, then rounded to float32.
-# Plain arithmetic on the exponent and mantissa bits, so it inlines and vectorises as exp_for_float32 does, where the
+# Plain arithmetic on the exponent and mantissa bits, so it inlines and vectorises as exp_float32 does, where the
 # C library's logf is a call per element. The Gumbel sampler (softmax.py) takes two logs per vocabulary entry.
 _SQRT2 = math.sqrt(2.0)
 _MANTISSA = (1 << 52) - 1

@@ -6,7 +6,7 @@ keeps only that slope: the backward is then one multiply per entry (dx = dout * 
 reference's backward recomputes an exp per entry. The backward also accepts the reference's `BiasGeluCache` (it
 runs the reference backward on it). db is reduced race-free: each prange iteration owns a chunk of rows and one row of
 a partial-sum array. Arithmetic follows the reference's expression order in the input dtype (float32 stays float32),
-except float32's Phi and slope, computed in float64 and rounded once (below).
+except float32's Phi and slope, computed by fits of their own (below).
 """
 
 import math
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import CONTRACT, as_2d, exp_for_float32, float_dtype, n_chunks
+from kernels.numba_cpu._common import CONTRACT, _reinterpret, as_2d, exp_float32_sum, float_dtype, n_chunks
 from minielectra.ops import checks
 from minielectra.ops.activations import BiasGeluCache, bias_gelu_backward as _reference_backward
 
@@ -25,26 +25,29 @@ _TANH_C = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
 
 
-# For float32, Phi in float64 plain arithmetic, rounded once: LLVM turns it into SIMD code, where math.erf is a C call
-# per element (on one core a GELU pass over 16 x 128 x 512 floats takes 8.4 ms with math.erf, 0.1 ms with no erf, and
-# 2.1 ms with this; 1.1 ms with multiply-adds fused, below). With a = |h| / sqrt 2 and the tail
-# Phi(-|h|) = erfc(a) / 2:
-# - a < 1: erfc(a) = 1 - a P(a^2);
-# - a >= 1: erfc(a) = e^(-a^2) R(u), u = 3.9 t - 1.6 in [-1, 1] for t = 1 / (1 + a / 2) (Numerical Recipes' variable)
-#   and a in [1, 11]; beyond 11 erfc(a) / 2 < 1e-53, which is 0 in float32.
-# P (degree 8) and R (degree 12) are least-squares fits on 4,000 Chebyshev nodes to SciPy's erf(a) / a and
-# erfcx(a) = e^(a^2) erfc(a), weighted for relative error; over 400,000 points their relative errors are below
-# 9.3e-13 and 2.6e-12, and exp_for_float32's 2e-10, so the float32 result is Phi correctly rounded but where Phi lies
-# within 2e-10 of a rounding boundary (tests/kernels/test_common.py measures it). Computing the tail and taking 1 - tail
-# for h > 0 keeps Phi's small values for h < 0 exact to float32 precision, where 1 + erf in float32 would cancel.
+# For float32, Phi and the slope in float32 plain arithmetic: LLVM turns it into SIMD code, sixteen lanes wide, where
+# math.erf is a C call per element (on one core a GELU pass over 16 x 128 x 512 floats takes 8.4 ms with math.erf and
+# 0.1 ms with no erf at all). With a = |h| / sqrt 2 and the tail Phi(-|h|) = erfc(a) / 2:
+# - a < 1/2: erfc(a) = 1 - a P(a^2), which cancels by at most a factor 1.1 there;
+# - a >= 1/2: erfc(a) = e^(-a^2) R(t) for t = 1 / (1 + a / 2) (Numerical Recipes' variable), a in [1/2, 11]; beyond 11
+#   erfc(a) / 2 < 1e-53, which is 0 in float32.
+# P (degree 5) and R (degree 9) are least-squares fits on 4,000 Chebyshev nodes to SciPy's erf(a) / a and
+# erfcx(a) = e^(a^2) erfc(a), weighted for relative error, their coefficients rounded to float32 one at a time with the
+# rest refitted; evaluated in float32 they are within 1.1e-7 and 1.8e-7 relative. e^(-a^2) = e^(-h^2 / 2) is taken
+# from h itself, h^2 / 2 split into an exact part and a small one (exp_float32_sum), since a rounded a^2 would err by
+# 2^-24 a^2 in the exponent. Computing the tail and taking 1 - tail for h > 0 keeps Phi's small values for h < 0 to
+# float32 precision, where 1 + erf in float32 (the reference) cancels. Measured over 3 M points down to h = -14.5
+# (tests/kernels/test_common.py): Phi within 5.3 ulps (in the tail, where the reference is off by up to 2^24 ulps; 2
+# for h > -0.7, where its own error is an ulp or two), the slope within 4 ulps of its terms' size. One core, 1 M
+# entries: 0.48 ms, where the same fits in float64, correctly rounded to float32, took 1.06.
 # float64 inputs keep math.erf: these fits are not accurate to float64's last bit.
-_ERF_P = (1.1283791670946948, -0.3761263888986915, 0.11283791313495543, -0.026866133625174055, 0.005223785005783531,
-          -0.0008542670538449808, 0.00011956946460152778, -1.3911698794169989e-05, 1.0595269661272887e-06)
-_ERFCX_R = (0.18605493468488257, 0.1784350323263686, 0.052660216982509306, 0.010003804175295736,
-            0.0006509408368003206, -0.00019359763518182218, -3.553635515180705e-05, 6.613608079558863e-06,
-            1.5933340838974174e-06, -3.8504736636824217e-07, -6.627439183156704e-08, 2.3272248685242174e-08,
-            2.248670321803919e-09)
-_INV_SQRT_2 = 1.0 / _SQRT_2
+_ERF_P = tuple(np.float32(c) for c in (1.1283792, -0.37613103, 0.112940945, -0.027801313, 0.008936295, -0.006183975))
+_ERFCX_R = tuple(np.float32(c) for c in (3.4023378e-06, 0.2819875, 0.28356764, 0.23525836, 0.23386626, -0.10458153,
+                                         0.4012634, -0.6064293, 0.34899303, -0.073936775))
+_F32 = np.float32
+_HALF32, _ONE32, _NEAR_END, _FAR_END = _F32(0.5), _F32(1.0), _F32(0.5), _F32(11.0)
+_INV_SQRT_2_32, _INV_SQRT_2PI_32 = _F32(1.0 / _SQRT_2), _F32(_INV_SQRT_2PI)
+_HIGH_12_BITS = np.int32(-4096)  # clears a float32's low 12 mantissa bits: the rest squares exactly in float32
 
 
 @njit(cache=True, inline="always")
@@ -56,27 +59,18 @@ def _horner(coefs, x):
 
 
 @njit(cache=True, inline="always")
-def _tail_and_gauss(z):
-    """(Phi(-|h|), e^(-h^2 / 2)) in float64 for z = h / sqrt 2, by the fits above. e^(-a^2) is the far branch's factor
-    and phi's, so the slope costs one more multiply-add; it is 0 past a = 11, where phi h is below float32's
-    smallest subnormal anyway (exp_for_float32 stops at e^-110)."""
-    a = abs(z)
-    erfc_near = 1.0 - a * _horner(_ERF_P, a * a)
-    t = 1.0 / (1.0 + 0.5 * min(a, 11.0))
-    gauss = exp_for_float32(-a * a) if a < 11.0 else 0.0
-    erfc_far = gauss * _horner(_ERFCX_R, 3.9 * t - 1.6)
-    return 0.5 * (erfc_near if a < 1.0 else erfc_far), gauss
-
-
-@njit(cache=True, inline="always")
 def normal_cdf_and_slope32(h):
-    """(Phi(h), Phi(h) + h phi(h)) of a float32 h as float32: the normal CDF and GELU's slope, each computed in float64
-    and rounded once. GELU itself is then h * Phi in float32, the reference's product of float32 factors."""
-    h64 = np.float64(h)
-    z = h64 * _INV_SQRT_2
-    tail, gauss = _tail_and_gauss(z)
-    phi = tail if z < 0.0 else 1.0 - tail  # Phi(h)
-    return np.float32(phi), np.float32(phi + h64 * _INV_SQRT_2PI * gauss)
+    """(Phi(h), Phi(h) + h phi(h)) of a float32 h, in float32: the normal CDF and GELU's slope, by the fits above.
+    GELU itself is then h * Phi, the reference's product. phi's e^(-h^2 / 2) is the far branch's factor, so the slope
+    costs one more multiply-add; it is 0 past a = 11, where phi h is below float32's smallest subnormal anyway."""
+    a = abs(h) * _INV_SQRT_2_32
+    erfc_near = _ONE32 - a * _horner(_ERF_P, a * a)
+    t = _ONE32 / (_ONE32 + _HALF32 * a)
+    hh = _reinterpret(np.int32(_reinterpret(h) & _HIGH_12_BITS))  # h = hh + (h - hh), hh * hh exact
+    gauss = exp_float32_sum(-_HALF32 * (hh * hh), -_HALF32 * ((h - hh) * (h + hh))) if a < _FAR_END else _F32(0.0)
+    tail = _HALF32 * (erfc_near if a < _NEAR_END else gauss * _horner(_ERFCX_R, t))  # Phi(-|h|)
+    phi = tail if h < _F32(0.0) else _ONE32 - tail
+    return phi, phi + h * _INV_SQRT_2PI_32 * gauss
 
 
 class BiasGeluKernelCache(NamedTuple):
@@ -84,10 +78,9 @@ class BiasGeluKernelCache(NamedTuple):
     shape: tuple  # the forward's x.shape, (..., F)
 
 
-# The float32 exact form's kernel is compiled with CONTRACT (_common.py), which halves the cost of the float64
-# polynomials above (on one core 1 M entries take 2.1 ms without, 1.2 ms with). Only float64 intermediate values are
-# contracted: the float32 operations, h = x + b and out = h * Phi, have no product to fuse, so they stay the
-# reference's. test_common.py measures the accuracy above on code compiled this way.
+# The float32 exact form's kernel is compiled with CONTRACT (_common.py): the polynomials' multiply-adds fuse into one
+# instruction each. The operations that mirror the reference, h = x + b and out = h * Phi, have no product to fuse, so
+# they stay the reference's. test_common.py measures the accuracy above on code compiled this way.
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=CONTRACT)

@@ -1,5 +1,5 @@
 """The float32 special functions the Numba kernels compute in plain arithmetic (SIMD) instead of calling the C library:
-_common.exp (exp_float32), exp_for_float32, log_for_float32 and activations.normal_cdf_and_slope32 (GELU's Phi and
+_common.exp (exp_float32), exp_float32_sum, log_for_float32 and activations.normal_cdf_and_slope32 (GELU's Phi and
 slope), each against float64 truth over a dense grid, in ulps of the float32 result, compiled with the flags of the
 kernel that uses it."""
 
@@ -13,7 +13,7 @@ pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 from scipy.special import ndtr  # noqa: E402
 
-from kernels.numba_cpu._common import CONTRACT, exp, exp_for_float32, log_for_float32  # noqa: E402
+from kernels.numba_cpu._common import CONTRACT, exp, exp_float32_sum, log_for_float32  # noqa: E402
 from kernels.numba_cpu.activations import normal_cdf_and_slope32  # noqa: E402
 
 pytestmark = pytest.mark.numba
@@ -26,9 +26,9 @@ def _exp_each(x, out):
 
 
 @njit
-def _exp_for_float32_each(x, out):
-    for i in range(x.size):
-        out[i] = exp_for_float32(x[i])
+def _exp_sum_each(hi, lo, out):
+    for i in range(hi.size):
+        out[i] = exp_float32_sum(hi[i], lo[i])
 
 
 @njit
@@ -66,11 +66,22 @@ def test_exp_float32_is_within_an_ulp_and_over_and_underflows_like_float32():
     assert np.isnan(_apply(_exp_each, np.array([np.nan], np.float32))[0])
 
 
-def test_exp_for_float32_rounds_to_float32_within_half_an_ulp():
-    # The float64 version, which GELU's Phi builds on: its 2e-10 relative error leaves float32 rounding nearly exact.
-    x = np.linspace(-103.9, 88.7, 2_000_001)
-    got = _apply(_exp_for_float32_each, x).astype(np.float32)
-    assert ulps_off(got, np.exp(x)).max() <= 0.504
+def test_exp_float32_sum_keeps_the_low_part_of_its_argument():
+    # GELU's e^(-h^2 / 2): h^2 / 2 split into hi, exact in float32 (h's top 12 bits squared), and a small lo. Measured
+    # worst 1.16 ulps (exp_float32's 0.99, and lo rounds the reduced argument once more), where exp of the rounded
+    # float32(-h^2 / 2) is off by up to 64.
+    h = np.linspace(-14.5, 14.5, 2_000_001, dtype=np.float32)
+    hh = (h.view(np.int32) & np.int32(-4096)).view(np.float32)
+    hi, lo = np.float32(-0.5) * (hh * hh), np.float32(-0.5) * ((h - hh) * (h + hh))
+    out = np.empty_like(h)
+    _exp_sum_each(hi, lo, out)
+    exact = np.exp(-0.5 * h.astype(np.float64) ** 2)
+    assert ulps_off(out, exact).max() < 1.2
+    assert ulps_off(_apply(_exp_each, -0.5 * h * h), exact).max() > 50  # why the split
+    zero = np.zeros(3, np.float32)
+    edges = np.array([0.0, -104.0, -1000.0], np.float32)
+    _exp_sum_each(edges, zero, out[:3])
+    assert out[:3].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_log_float32_is_within_half_an_ulp_over_the_gumbel_sampler_s_inputs():
@@ -91,20 +102,23 @@ def test_exp_float64_is_the_c_library_exp():
     assert _apply(_exp_each, x).tolist() == [math.exp(v) for v in x]
 
 
-def test_normal_cdf_float32_is_within_half_an_ulp_where_float32_erf_cancels():
+def test_normal_cdf_float32_is_within_a_few_ulps_where_float32_erf_cancels():
     # Down to h = -14, where Phi leaves float32's subnormals; 1 + erf(h / sqrt 2) in float32 is off by up to 2^24 ulps
-    # of Phi below h = -3 (the reference's float32 Phi), which is why the kernel computes the tail.
+    # of Phi below h = -3 (the reference's float32 Phi), which is why the kernel computes the tail. Measured worst:
+    # 5.22 ulps over the whole grid, 1.98 above h = -0.7 (activations.py says where the error comes from).
     h = np.linspace(-14.5, 9.0, 3_000_001, dtype=np.float32)
     phi, _ = _cdf_and_slope(h)
-    assert ulps_off(phi, ndtr(h.astype(np.float64))).max() <= 0.504
+    off = ulps_off(phi, ndtr(h.astype(np.float64)))
+    assert off.max() <= 5.3
+    assert off[h > -0.7].max() <= 2.0
     edges = np.array([-np.inf, -1000.0, -15.0, 0.0, 6.0, 1000.0, np.inf], np.float32)
     assert _cdf_and_slope(edges)[0].tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+    assert np.isnan(_cdf_and_slope(np.array([np.nan], np.float32))[0][0])
 
 
-def test_gelu_slope_float32_is_within_half_an_ulp_of_its_terms():
-    # slope = Phi + h phi crosses 0 near h = -0.75, where the two terms cancel: there the bound is half an ulp of the
-    # result plus the float64 computation's relative error of the terms' size, Phi + |h| phi: exp_for_float32's 2e-10
-    # (in phi and in Phi's tail), the fits' 3e-12.
+def test_gelu_slope_float32_is_within_a_few_ulps_of_its_terms():
+    # slope = Phi + h phi crosses 0 near h = -0.75, where the two terms cancel: there the bound is in ulps of the terms'
+    # size, Phi + |h| phi, as well as of the result. Measured worst: 3.97 of their sum.
     h = np.linspace(-14.5, 9.0, 3_000_001, dtype=np.float32)
     h64 = h.astype(np.float64)
     density = np.exp(-0.5 * h64 * h64) / math.sqrt(2.0 * math.pi)
@@ -112,7 +126,7 @@ def test_gelu_slope_float32_is_within_half_an_ulp_of_its_terms():
     _, slope = _cdf_and_slope(h)
     err = np.abs(slope.astype(np.float64) - exact)
     spacing = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
-    assert np.all(err <= 0.504 * spacing + 2.1e-10 * (ndtr(h64) + np.abs(h64) * density))
+    assert np.all(err <= 4.0 * (spacing + 2.0**-24 * (ndtr(h64) + np.abs(h64) * density)))
     edges = np.array([-1000.0, -40.0, 0.0, 40.0, 1000.0], np.float32)  # at +-inf it is NaN, as in the reference
     assert _cdf_and_slope(edges)[1].tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
 
