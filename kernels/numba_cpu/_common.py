@@ -133,29 +133,38 @@ def exp_float32_sum(hi, lo):
     return _exp32_scaled(t, ((v - k * _LN2_HI) - k * _LN2_LO) + lo)
 
 
-# ln x = e ln 2 + ln m for x = m 2^e with m in [sqrt(1/2), sqrt 2), and ln m = 2 atanh(f) = 2 (f + f^3/3 + f^5/5 ...)
-# with f = (m - 1) / (m + 1), |f| <= 0.172: seven terms leave a relative error below 2e-12, then rounded to float32.
-# Plain arithmetic on the exponent and mantissa bits, so it inlines and vectorises as exp_float32 does, where the
-# C library's logf is a call per element. The Gumbel sampler (softmax.py) takes two logs per vocabulary entry.
-_SQRT2 = math.sqrt(2.0)
-_MANTISSA = (1 << 52) - 1
-_ONE_BITS = 1023 << 52
+# ln x = e ln 2 + ln m for x = m 2^e with m in [sqrt(1/2), sqrt 2), by Cephes' logf: ln(1 + f) = f - f^2 / 2 +
+# f^3 P(f) for f = m - 1, P of degree 8, and e ln 2 in two parts (_LN2_HI, _LN2_LO) so that e * _LN2_HI is exact. Plain
+# float32 arithmetic on the exponent and mantissa bits, no division: it inlines and vectorises as exp_float32 does,
+# where the C library's logf is a call per element. The Gumbel sampler (softmax.py) takes two logs per vocabulary entry:
+# 304 x 8192 of them (the tiny preset's picks for 16 sequences) on one core, 3.8 ms with the same method in float64
+# (rounded to float32), 2.2 ms with this.
+_LOG32_P = tuple(np.float32(c) for c in (3.3333331174e-1, -2.4999993993e-1, 2.0000714765e-1, -1.6668057665e-1,
+                                         1.4249322787e-1, -1.2420140846e-1, 1.1676998740e-1, -1.1514610310e-1,
+                                         7.0376836292e-2))
+_SQRT_HALF32, _HALF32 = np.float32(math.sqrt(0.5)), np.float32(0.5)
+_MANTISSA32, _HALF_BITS32 = np.int32((1 << 23) - 1), np.int32(0x3F000000)  # 0.5's bits: exponent -1, mantissa 0
 
 
 @njit(cache=True, fastmath=CONTRACT, error_model="numpy")
-def log_for_float32(x):
-    """ln x of a positive normal float64 x (a float32's value, as a float64), within 2e-12 relative: accurate enough
-    to round to float32, not to be a float64 result. Zero, negative, subnormal, inf and NaN inputs are not handled."""
+def log_float32(x):
+    """ln x of a positive normal float32 x in float32 arithmetic, within one ulp (0.81 measured, test_common.py; NumPy's
+    float32 log is within 3.6). Zero, negative, subnormal, inf and NaN inputs are not handled."""
     bits = _reinterpret(x)
-    e = (bits >> 52) - 1023
-    m = _reinterpret((bits & _MANTISSA) | _ONE_BITS)  # [1, 2)
-    if m > _SQRT2:
-        m *= 0.5
-        e += 1
-    f = (m - 1.0) / (m + 1.0)
-    s = f * f
-    p = 2.0 + s * (2.0 / 3 + s * (2.0 / 5 + s * (2.0 / 7 + s * (2.0 / 9 + s * (2.0 / 11 + s * (2.0 / 13))))))
-    return e * _LN2 + f * p
+    e = np.float32((bits >> 23) - 126)
+    m = _reinterpret(np.int32((bits & _MANTISSA32) | _HALF_BITS32))  # x = m 2^e, m in [1/2, 1)
+    if m < _SQRT_HALF32:
+        e -= _ONE32
+        f = m + m - _ONE32
+    else:
+        f = m - _ONE32
+    z = f * f
+    c = _LOG32_P
+    p = c[8]
+    for i in range(7, -1, -1):
+        p = p * f + c[i]
+    y = f * z * p + e * _LN2_LO - _HALF32 * z
+    return (f + y) + e * _LN2_HI
 
 
 @overload(exp, inline="always", jit_options={"cache": True})

@@ -1,5 +1,5 @@
 """The float32 special functions the Numba kernels compute in plain arithmetic (SIMD) instead of calling the C library:
-_common.exp (exp_float32), exp_float32_sum, log_for_float32 and activations.normal_cdf_and_slope32 (GELU's Phi and
+_common.exp (exp_float32), exp_float32_sum, log_float32 and activations.normal_cdf_and_slope32 (GELU's Phi and
 slope), each against float64 truth over a dense grid, in ulps of the float32 result, compiled with the flags of the
 kernel that uses it."""
 
@@ -13,7 +13,7 @@ pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 from scipy.special import ndtr  # noqa: E402
 
-from kernels.numba_cpu._common import CONTRACT, exp, exp_float32_sum, log_for_float32  # noqa: E402
+from kernels.numba_cpu._common import CONTRACT, exp, exp_float32_sum, log_float32  # noqa: E402
 from kernels.numba_cpu.activations import normal_cdf_and_slope32  # noqa: E402
 
 pytestmark = pytest.mark.numba
@@ -34,7 +34,7 @@ def _exp_sum_each(hi, lo, out):
 @njit
 def _log32_each(x, out):
     for i in range(x.size):
-        out[i] = np.float32(log_for_float32(np.float64(x[i])))
+        out[i] = log_float32(x[i])
 
 
 @njit(fastmath=CONTRACT)  # as activations._forward_exact32 compiles it
@@ -84,15 +84,14 @@ def test_exp_float32_sum_keeps_the_low_part_of_its_argument():
     assert out[:3].tolist() == [1.0, 0.0, 0.0]
 
 
-def test_log_float32_is_within_half_an_ulp_over_the_gumbel_sampler_s_inputs():
+def test_log_float32_is_within_an_ulp_over_the_gumbel_sampler_s_inputs():
     # The sampler takes logs of u + 1e-9 in [1e-9, 1] and of -log(u + 1e-9) + 1e-9 in (6e-8, 20.8]; the grid covers
-    # both, every float32 in [0.5, 2) (where ln x is near 0 and its relative accuracy matters most) in steps of 2^-20.
+    # both, and [0.5, 2) (where ln x is near 0 and its relative accuracy matters most) in steps of 2^-20.
     x = np.concatenate([np.geomspace(1e-9, 30.0, 2_000_001, dtype=np.float32),
                         np.arange(2**19, 2**21, dtype=np.float32) / np.float32(2**20)])
-    # A relative error of 2e-12 before rounding is 2e-12 * 2^24 = 3.4e-5 ulps: half an ulp plus 1e-4 bounds the result.
-    # (NumPy's own float32 log is within 3.6 ulps here, and differs from this one in about one entry in six.)
+    # Measured worst: 0.81 ulps (NumPy's own float32 log is within 3.6 here).
     off = ulps_off(_apply(_log32_each, x), np.log(x.astype(np.float64)))
-    assert off.max() <= 0.5 + 1e-4
+    assert off.max() < 1.0
     assert _apply(_log32_each, np.array([1.0, 2.0, 0.5], np.float32)).tolist() == [0.0, np.float32(math.log(2)),
                                                                                   np.float32(-math.log(2))]
 
