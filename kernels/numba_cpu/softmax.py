@@ -11,8 +11,9 @@ the reference 13.6-13.8 ms, the kernel's loop 2.2 ms (3.8 when its logs were flo
 The compile flag error_model="numpy" lets a division by a value that could be zero vectorise (numba's default checks
 each one, to raise ZeroDivisionError); NumPy's semantics are the reference's anyway.
 
-The logs are within an ulp (0.81 measured), NumPy's float32 log within 3.6 ulps on this project's machines: the noise can differ from the reference's in its last bits, and the sample with it only where two
-tokens' scores are that close. The tests allow exactly that.
+The logs are within an ulp (0.81 measured), NumPy's float32 log within 3.6 ulps on this project's machines: the noise
+can differ from the reference's in its last bits, and the sample with it only where two tokens' scores are that close.
+The tests allow exactly that.
 """
 
 import numpy as np
