@@ -94,6 +94,15 @@ _INV_LN2_32, _ONE32 = np.float32(_INV_LN2), np.float32(1.0)
 
 
 @njit(cache=True, inline="always")
+def horner(coefs, x):
+    """coefs[0] + coefs[1] x + ... + coefs[-1] x^(n-1), by Horner's rule."""
+    acc = coefs[-1]
+    for c in coefs[-2::-1]:
+        acc = acc * x + c
+    return acc
+
+
+@njit(cache=True, inline="always")
 def _pow2_float32(k):
     """2^k as a float32 for an integer k in [-126, 127]: k + 127 in the exponent field."""
     return _reinterpret(np.int32((k + 127) << 23))
@@ -102,9 +111,7 @@ def _pow2_float32(k):
 @njit(cache=True, inline="always")
 def _exp32_scaled(t, r):
     """e^r 2^k in float32, for k held in t = k + 1.5 * 2^23 (its low mantissa bits) and the reduced |r| <= ln 2 / 2."""
-    c = _EXP32_P
-    p = c[0] + r * (c[1] + r * (c[2] + r * (c[3] + r * (c[4] + r * c[5]))))
-    e = _ONE32 + (r + r * r * p)
+    e = _ONE32 + (r + r * r * horner(_EXP32_P, r))
     # 2^k in two normal factors: e 2^k1 is exact, and the second product rounds once, to a subnormal if it must.
     ki = _reinterpret(t) - _ROUNDER_BITS
     k1 = ki >> 1
@@ -159,11 +166,7 @@ def log_float32(x):
     else:
         f = m - _ONE32
     z = f * f
-    c = _LOG32_P
-    p = c[8]
-    for i in range(7, -1, -1):
-        p = p * f + c[i]
-    y = f * z * p + e * _LN2_LO - _HALF32 * z
+    y = f * z * horner(_LOG32_P, f) + e * _LN2_LO - _HALF32 * z
     return (f + y) + e * _LN2_HI
 
 

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import CONTRACT, _reinterpret, as_2d, exp_float32_sum, float_dtype, n_chunks
+from kernels.numba_cpu._common import (CONTRACT, _HALF32, _ONE32, _reinterpret, as_2d, exp_float32_sum, float_dtype,
+                                       horner, n_chunks)
 from minielectra.ops import checks
 from minielectra.ops.activations import BiasGeluCache, bias_gelu_backward as _reference_backward
 
@@ -45,17 +46,9 @@ _ERF_P = tuple(np.float32(c) for c in (1.1283792, -0.37613103, 0.112940945, -0.0
 _ERFCX_R = tuple(np.float32(c) for c in (3.4023378e-06, 0.2819875, 0.28356764, 0.23525836, 0.23386626, -0.10458153,
                                          0.4012634, -0.6064293, 0.34899303, -0.073936775))
 _F32 = np.float32
-_HALF32, _ONE32, _NEAR_END, _FAR_END = _F32(0.5), _F32(1.0), _F32(0.5), _F32(11.0)
+_NEAR_END, _FAR_END = _F32(0.5), _F32(11.0)
 _INV_SQRT_2_32, _INV_SQRT_2PI_32 = _F32(1.0 / _SQRT_2), _F32(_INV_SQRT_2PI)
 _HIGH_12_BITS = np.int32(-4096)  # clears a float32's low 12 mantissa bits: the rest squares exactly in float32
-
-
-@njit(cache=True, inline="always")
-def _horner(coefs, x):
-    acc = coefs[-1]
-    for c in coefs[-2::-1]:
-        acc = acc * x + c
-    return acc
 
 
 @njit(cache=True, inline="always")
@@ -64,11 +57,11 @@ def normal_cdf_and_slope32(h):
     GELU itself is then h * Phi, the reference's product. phi's e^(-h^2 / 2) is the far branch's factor, so the slope
     costs one more multiply-add; it is 0 past a = 11, where phi h is below float32's smallest subnormal anyway."""
     a = abs(h) * _INV_SQRT_2_32
-    erfc_near = _ONE32 - a * _horner(_ERF_P, a * a)
+    erfc_near = _ONE32 - a * horner(_ERF_P, a * a)
     t = _ONE32 / (_ONE32 + _HALF32 * a)
     hh = _reinterpret(np.int32(_reinterpret(h) & _HIGH_12_BITS))  # h = hh + (h - hh), hh * hh exact
     gauss = exp_float32_sum(-_HALF32 * (hh * hh), -_HALF32 * ((h - hh) * (h + hh))) if a < _FAR_END else _F32(0.0)
-    tail = _HALF32 * (erfc_near if a < _NEAR_END else gauss * _horner(_ERFCX_R, t))  # Phi(-|h|)
+    tail = _HALF32 * (erfc_near if a < _NEAR_END else gauss * horner(_ERFCX_R, t))  # Phi(-|h|)
     phi = tail if h < _F32(0.0) else _ONE32 - tail
     return phi, phi + h * _INV_SQRT_2PI_32 * gauss
 
