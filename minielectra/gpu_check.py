@@ -1,6 +1,7 @@
 """`python -m minielectra.gpu_check`: everything to run once on a machine with an NVIDIA GPU, in under 5 minutes.
 
-1. the GPU tests: pytest -m gpu on tests/kernels (every CUDA kernel against the NumPy reference, a whole step);
+1. the GPU tests: pytest -m gpu (every CUDA kernel against the NumPy reference, a whole step, the optimizer on CuPy
+   arrays);
 2. the training-step benchmark on the cupy backend for the `tiny` and `small` presets (params, optimizer state and
    batch on the GPU; kernels dispatched for CuPy arrays);
 3. if PyTorch with CUDA is installed, the same step in PyTorch on CUDA (bench_torch.TorchStep(device="cuda")) for a
@@ -27,8 +28,8 @@ if str(ROOT) not in sys.path:
 
 
 def run_gpu_tests(timeout=180):
-    """(ok, summary line) of pytest -m gpu tests/kernels in a subprocess."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests" / "kernels")]
+    """(ok, summary line) of pytest -m gpu tests in a subprocess."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -184,7 +184,8 @@ def test_cupy_arrays_give_the_numpy_result():
     state, state_gpu = adamw_init(params), adamw_init(on_gpu)
     norm, scale = clip_scale(grads, 1.0)
     norm_gpu, scale_gpu = clip_scale(grads_gpu, 1.0)
-    assert norm_gpu == pytest.approx(norm, rel=1e-12)
+    assert isinstance(norm_gpu, cupy.ndarray) and norm_gpu.shape == () and isinstance(scale_gpu, cupy.ndarray)
+    assert float(norm_gpu.get()) == pytest.approx(norm, rel=1e-12)
     for _ in range(2):
         adamw_step(params, grads, state, 1e-2, TrainConfig(), grad_scale=scale)
         adamw_step(on_gpu, grads_gpu, state_gpu, 1e-2, TrainConfig(), grad_scale=scale_gpu)

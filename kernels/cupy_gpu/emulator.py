@@ -49,7 +49,7 @@ def _build_dir():
 def library(op):
     """<op>.cu compiled for the CPU emulator, loaded with ctypes."""
     out = f"{_build_dir()}/{op}.so"
-    cmd = [compiler() or "g++", "-std=c++20", "-O1", "-g", "-shared", "-fPIC", "-pthread",
+    cmd = [compiler() or "g++", "-std=c++20", "-O1", "-g", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
            "-include", str(_common.HERE / "emulator.h"), "-x", "c++", str(_common.HERE / f"{op}.cu"), "-o", out]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

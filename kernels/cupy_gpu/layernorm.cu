@@ -19,6 +19,13 @@ ME_DEVICE T ln_warp_sum(T x) {
 ME_DEVICE float ln_sqrt(float x) { return sqrtf(x); }
 ME_DEVICE double ln_sqrt(double x) { return sqrt(x); }
 
+// A product rounded on its own, as the reference rounds it. The CUDA compilers fuse a * b + c into one fma by default;
+// in dx that would turn g - mean(g) into fma(dout, gamma, -mean(g)), the exact product minus the rounded one, which
+// is not 0 where it must be (C = 1: dx was rstd * ulp(g), ~3e-4, instead of 0). __fmul_rn and __dmul_rn are never
+// fused.
+ME_DEVICE float ln_mul(float a, float b) { return __fmul_rn(a, b); }
+ME_DEVICE double ln_mul(double a, double b) { return __dmul_rn(a, b); }
+
 template <typename T>
 ME_DEVICE void ln_forward(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                           T* __restrict__ y, T* __restrict__ xhat, T* __restrict__ rstd, long long N, int C, T eps) {
@@ -55,14 +62,14 @@ ME_DEVICE void ln_backward_dx(const T* __restrict__ dout, const T* __restrict__ 
     const T* hr = xhat + row * C;
     T sg = 0, sgh = 0;
     for (int c = lane; c < C; c += 32) {
-        const T g = gr[c] * gamma[c];
+        const T g = ln_mul(gr[c], gamma[c]);
         sg += g;
         sgh += g * hr[c];
     }
     const T mg = ln_warp_sum(sg) / T(C);
     const T mgh = ln_warp_sum(sgh) / T(C);
     const T r = rstd[row];
-    for (int c = lane; c < C; c += 32) dx[row * C + c] = r * (gr[c] * gamma[c] - mg - hr[c] * mgh);
+    for (int c = lane; c < C; c += 32) dx[row * C + c] = r * (ln_mul(gr[c], gamma[c]) - mg - hr[c] * mgh);
 }
 
 // grid (P, ceil(C / blockDim.x)): partial_dgamma[p, c] = sum over rows n = p, p + P, ... of dout * xhat.

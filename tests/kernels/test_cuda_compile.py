@@ -56,3 +56,20 @@ def test_emulator_builds(source):
     from kernels.cupy_gpu import emulator
 
     assert emulator.library(pathlib.Path(source).stem) is not None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH (install the CUDA toolkit to run this)")
+def test_layernorm_dx_rounds_dout_times_gamma_on_its_own(tmp_path):
+    """dx = rstd (g - mean(g) - xhat mean(g xhat)) needs g = dout * gamma rounded before mean(g) is taken from it, as
+    the reference does: fused into fma(dout, gamma, -mean(g)) it is not 0 where g is its own mean (C = 1), and the
+    GPU gave dx ~3e-4 there. In the dx kernels' PTX that product is a mul.rn, which neither NVRTC nor ptxas fuses
+    (a plain mul.f32 followed by a sub.f32 may still become one fma in the machine code)."""
+    out = tmp_path / "layernorm.ptx"
+    cmd = ["nvcc", "-ptx", "-arch=sm_90", *_common.NVRTC_OPTIONS, str(_common.HERE / "layernorm.cu"), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr}"
+    entries = out.read_text().split(".entry ")
+    dx = [e for e in entries if e.startswith("layernorm_backward_dx_")]
+    assert len(dx) == 2  # f32 and f64
+    for body in dx:
+        assert "mul.rn." in body, body.split("(")[0]

@@ -73,6 +73,15 @@ class Runtime:
     def host(a):
         return a.get() if hasattr(a, "get") else np.asarray(a)
 
+    def loss(self, loss):
+        """A loss as a float, after checking the reference's contract (minielectra.ops.losses): a Python float from
+        host arrays, a 0-d float64 array from device arrays (float() there would wait for the GPU)."""
+        if self.name == "emulator":
+            assert isinstance(loss, float)
+            return loss
+        assert isinstance(loss, self.rt.xp.ndarray) and loss.shape == () and loss.dtype == np.float64
+        return float(loss.get())
+
 
 # ---- attention -------------------------------------------------------------------------------------------------
 
@@ -193,6 +202,7 @@ WIDTH = st.integers(1, 300)
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @examples
 @given(seed=SEEDS, dtype=DTYPES, rows=ROWS, C=WIDTH, mag=st.sampled_from([1.0, 1000.0]))
+@example(seed=0, dtype=np.float32, rows=(1, 1), C=1, mag=1.0)  # dx exactly 0: g - mean(g) must cancel (layernorm.cu)
 def test_layernorm_matches_reference(runtime, seed, dtype, rows, C, mag):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(rows + (C,)) * mag).astype(dtype)
@@ -283,8 +293,7 @@ def test_softmax_cross_entropy_matches_reference(runtime, seed, dtype, N, V, mag
     with Runtime(runtime) as r:
         loss, d = kls.softmax_cross_entropy(r.dev(logits), r.dev(targets), r.dev(w))
     loss_ref, d_ref = rls.softmax_cross_entropy(logits, targets, w)
-    assert isinstance(loss, float)
-    assert loss == pytest.approx(loss_ref, rel=float(16 * np.finfo(dtype).eps * max(1, V)), abs=1e-30)
+    assert r.loss(loss) == pytest.approx(loss_ref, rel=float(16 * np.finfo(dtype).eps * max(1, V)), abs=1e-30)
     assert_close(r.host(d), d_ref, name="dlogits")
 
 
@@ -300,7 +309,7 @@ def test_sigmoid_cross_entropy_matches_reference(runtime, seed, dtype, shape, ma
     with Runtime(runtime) as r:
         loss, d = kls.sigmoid_cross_entropy(r.dev(z), r.dev(y), r.dev(w))
     loss_ref, d_ref = rls.sigmoid_cross_entropy(z, y, w)
-    assert loss == pytest.approx(loss_ref, rel=float(16 * np.finfo(dtype).eps * max(1, z.size)), abs=1e-30)
+    assert r.loss(loss) == pytest.approx(loss_ref, rel=float(16 * np.finfo(dtype).eps * max(1, z.size)), abs=1e-30)
     assert_close(r.host(d), d_ref, name="dlogits")
 
 
@@ -390,9 +399,15 @@ def test_cupy_step_matches_numpy_step():
                                                         train=train, samples=ref.samples)
         assert all(isinstance(v, cupy.ndarray) for v in {**losses, **metrics}.values())
         losses, metrics = backend.host_values(losses), backend.host_values(metrics)
-        state, gstate = ref_optim.adamw_init(params), ref_optim.adamw_init(gparams)
+        # AdamW: the kernel against the reference on the same gradients, the GPU's. Against the parameters the NumPy
+        # step's gradients give there is no bound: the attention keys' biases have gradient 0 in exact arithmetic
+        # (softmax ignores a score added to a whole row), so ~1e-12 of rounding either way, and Adam divides each
+        # gradient by its own size.
+        host_grads = {k: g.get() for k, g in grads.items()}
+        stepped = {k: p.copy() for k, p in params.items()}
+        state, gstate = ref_optim.adamw_init(stepped), ref_optim.adamw_init(gparams)
         tc = TrainConfig()
-        ref_optim.adamw_step(params, ref_grads, state, 1e-3, tc)
+        ref_optim.adamw_step(stepped, host_grads, state, 1e-3, tc)
         assert backend.dispatch("adamw_step", next(iter(gparams.values()))) is ko.adamw_step
         ko.adamw_step(gparams, grads, gstate, 1e-3, tc)
     finally:
@@ -406,7 +421,7 @@ def test_cupy_step_matches_numpy_step():
         assert isinstance(g, cupy.ndarray) and g.dtype == np.float32, k
         err = np.linalg.norm((g.get() - ref_grads[k]).astype(np.float64))
         assert err <= 1e-5 * (np.linalg.norm(ref_grads[k].astype(np.float64)) + floor), k
-        assert_close(gparams[k].get(), params[k], name=k, k=64)
+        assert_close(gparams[k].get(), stepped[k], name=k)
 
 
 @pytest.mark.slow
