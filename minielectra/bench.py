@@ -140,7 +140,7 @@ def bench_step(config, train, batch_size, seq_len, steps=20, warmup=3):
         "backend": backend.active_backend(),
         "tf32": backend.tf32_enabled(),
         "kernels": backend.kernel_names(),
-        "blas": backend.blas_library(),
+        "blas": "cuBLAS" if backend.active_backend() == "cupy" else backend.blas_library(),  # who runs the GEMMs
         "batch": batch_size, "seq": seq_len, **plan,
         "params_m": electra.count_params(params) / 1e6,
         "tokens_per_s": batch_size * seq_len / median,
