@@ -9,12 +9,20 @@ clip_scale: the sum of the squared gradients in float64 in one pass per tensor, 
 tensor to a float64 copy, squares it into a second and sums that. It runs between the shards' backward passes and the
 update, on the whole step's critical path.
 
-Both run a tensor on Numba's thread pool only from PARALLEL_MIN entries on: most of a model's tensors are biases and
-norms, and waking the pool for each costs more than their update. The small preset's 402 tensors (14.2 M entries) on
-2 cores: AdamW 26.8 ms with every tensor on the pool, 11.7 ms with the threshold (the reference 32.8 ms); clip_scale
-23.8 ms and 9.0 ms (the reference 17.5 ms), then 6.8-7.0 ms with its running sums in registers (see _sum_chunk).
+Both run on the calling thread alone. A training step calls them from the main thread between the shards' passes
+(minielectra/parallel.py), and a parallel region there, on Numba's OpenMP pool, made the next step's shard threads
+wait for a core: on 2 cores (tiny preset, batch 32 x 128) the second shard's forward started 2.6-3.8 ms after the
+first, and 0.5 ms after it once the optimizer stopped using the pool; the step took 124.6-126.9 ms instead of
+129.8-131.8. Waking the pool also costs ~50 us a region, more than a 65,536-entry tensor's whole update on one core
+(9.5 us). AdamW's loop is still a prange, run with one thread (numba.set_num_threads is a setting of the calling
+thread): Numba compiles a parallel loop's body with its arrays marked as not overlapping, and LLVM vectorises it,
+where the same loop in a plain @njit function stays scalar (120 us for those 65,536 entries), since LLVM cannot rule
+out that p, g, m and v overlap. The sum of squares is vectorised by hand (_sum_chunk) and needs no such help.
 """
 
+import contextlib
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -22,15 +30,13 @@ from kernels.numba_cpu._common import n_chunks
 from minielectra.optim import _check_matching, no_decay, norm_and_scale
 
 _LANES = 8  # independent running sums per chunk: one would wait for each add in turn
-PARALLEL_MIN = 1 << 16  # entries from which a tensor is updated or summed on the thread pool
 
 
 @njit(cache=True, inline="always")
 def _sum_chunk(g, acc, lo, hi):
     # Entry lo + 8 k + l goes to lane l (the last hi - lo mod 8 entries to lane 0), so the order of the additions is
     # fixed by the code, on any CPU. Eight local sums stay in registers; summed into acc[i % 8] in memory, each add
-    # waited for the store before it. The small preset's 402 tensors, 2 cores: 7.9-8.0 -> 6.8-7.0 ms (of which the
-    # one pass over their 57 MB takes about 2.5; the rest is the per-tensor calls).
+    # waited for the store before it (the small preset's clip_scale, on the thread pool then: 7.9-8.0 -> 6.8-7.0 ms).
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     blocks = (hi - lo) // _LANES
     for b in range(blocks):  # counting blocks, not stepping i by 8, which LLVM would not unroll (lesson 11, section 8)
@@ -51,20 +57,10 @@ def _sum_chunk(g, acc, lo, hi):
     acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7] = s0, s1, s2, s3, s4, s5, s6, s7
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _sum_squares(g, partial):
     # g (n,) flat; partial (chunks, _LANES) float64: chunk c owns row c and the entries
-    # [c n / chunks, (c+1) n / chunks).
-    n = g.size
-    chunks = partial.shape[0]
-    for c in prange(chunks):
-        _sum_chunk(g, partial[c], c * n // chunks, (c + 1) * n // chunks)
-
-
-@njit(cache=True, nogil=True)
-def _sum_squares_here(g, partial):
-    # _sum_squares on the calling thread, the same chunks in the same order: for a small tensor, waking the thread
-    # pool costs more than the sum (a model has a few hundred tensors, most of them biases and norms).
+    # [c n / chunks, (c+1) n / chunks), summed in that order.
     n = g.size
     chunks = partial.shape[0]
     for c in range(chunks):
@@ -78,7 +74,7 @@ def clip_scale(grads, max_norm):
     for k in sorted(grads):
         g = np.ascontiguousarray(grads[k]).reshape(-1)
         partial = np.zeros((n_chunks(g.size), _LANES))
-        (_sum_squares if g.size >= PARALLEL_MIN else _sum_squares_here)(g, partial)
+        _sum_squares(g, partial)
         total += float(partial.sum())
     return norm_and_scale(total, max_norm)
 
@@ -96,30 +92,35 @@ def _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _adamw_flat(p, g, m, v, lr, grad_scale, b1, c1, b2, c2, eps, wd):
+    # Run inside _one_thread (see the module docstring): prange for the vectorised loop, not for the threads.
     for i in prange(p.size):  # each iteration owns element i
         _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd)
 
 
-@njit(cache=True, nogil=True)
-def _adamw_flat_here(p, g, m, v, lr, grad_scale, b1, c1, b2, c2, eps, wd):
-    # _adamw_flat on the calling thread, for tensors too small to pay for waking the thread pool
-    for i in range(p.size):
-        _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd)
+@contextlib.contextmanager
+def _one_thread():
+    """Numba's parallel loops called inside run on the calling thread alone; its previous setting is restored."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
     """Same contract as minielectra.optim.adamw_step: params, state.m, state.v updated in place, state.step += 1."""
     _check_matching(params, grads, state)
-    for k, p in params.items():
-        if not (p.flags.c_contiguous and state.m[k].flags.c_contiguous and state.v[k].flags.c_contiguous):
-            raise ValueError(f"adamw_step kernel updates in place and needs C-contiguous arrays; {k} is not")
-        t = p.dtype.type
-        g = np.ascontiguousarray(grads[k], dtype=p.dtype)
-        wd = 0.0 if no_decay(k) else config.weight_decay
-        b1, b2 = config.adam_beta1, config.adam_beta2
-        # 1 - beta is formed in float64 and rounded once, as the reference's Python scalars are: 1 - float32(0.999)
-        # would be off by 1e-5 relative.
-        update = _adamw_flat if p.size >= PARALLEL_MIN else _adamw_flat_here
-        update(p.reshape(-1), g.reshape(-1), state.m[k].reshape(-1), state.v[k].reshape(-1), t(lr), t(grad_scale),
-               t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon), t(wd))
+    b1, b2 = config.adam_beta1, config.adam_beta2
+    with _one_thread():
+        for k, p in params.items():
+            if not (p.flags.c_contiguous and state.m[k].flags.c_contiguous and state.v[k].flags.c_contiguous):
+                raise ValueError(f"adamw_step kernel updates in place and needs C-contiguous arrays; {k} is not")
+            t = p.dtype.type
+            g = np.ascontiguousarray(grads[k], dtype=p.dtype)
+            wd = 0.0 if no_decay(k) else config.weight_decay
+            # 1 - beta is formed in float64 and rounded once, as the reference's Python scalars are:
+            # 1 - float32(0.999) would be off by 1e-5 relative.
+            _adamw_flat(p.reshape(-1), g.reshape(-1), state.m[k].reshape(-1), state.v[k].reshape(-1), t(lr),
+                        t(grad_scale), t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon), t(wd))
     state.step += 1
