@@ -218,8 +218,11 @@ print(f"attention kernel: out, probs, dq, dk, dv agree with the reference (dropo
 # wake-up. In a Transformer step the next thing is usually a matrix product, whose BLAS threads then compete with
 # spinning threads for the same few cores: measured on two cores, a (4096, 128) @ (128, 512) product right after a
 # tiny parallel kernel took 8.7 ms instead of 2.9 ms. `OMP_WAIT_POLICY=PASSIVE` makes the idle threads sleep at once
-# (3.2 ms). The setting is read once, when the OpenMP runtime starts, so `kernels.numba_cpu` sets it on import, before
-# any kernel has run; a value you set yourself wins.
+# (3.2 ms). The setting is read once, when Numba starts its threads (at the first parallel loop, or the first
+# `numba.set_num_threads`), so `kernels.numba_cpu` sets it on import and `backend.set_backend("numba")` imports it
+# before anything else runs; a value you set yourself wins. Set too late, it is silently ignored: the training step's
+# shard threads call `numba.set_num_threads` before any kernel is imported, and until the backend did this, the tiny
+# preset's 2-core step ran with spinning threads, 126-131 ms instead of 118-120.
 
 # %%
 print("OMP_WAIT_POLICY =", os.environ.get("OMP_WAIT_POLICY"), "; Numba threading layer:", numba.threading_layer())

@@ -198,6 +198,10 @@ def set_backend(name=None):
         raise ImportError(
             f"the {name} backend needs the {name} package: pip install -e '.[{_EXTRA[name]}]'"
         )
+    if name == "numba":
+        # Its package sets OpenMP's wait policy (see kernels/numba_cpu/__init__.py), which counts only if set before
+        # Numba starts its threads: parallel._run sets their number before any kernel has been imported.
+        importlib.import_module("kernels.numba_cpu")
     _active = name
     _kernel_cache.clear()
     return name

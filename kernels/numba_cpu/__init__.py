@@ -4,7 +4,8 @@ Numba runs `prange` loops on an OpenMP thread pool whose threads, by default, sp
 region. On a laptop's few cores they then steal the CPU from the BLAS threads of the very next matrix product:
 measured on 2 cores, a (4096, 128) @ (128, 512) GEMM right after a tiny parallel kernel took 8.7 ms instead of 2.9 ms.
 A PASSIVE wait policy makes them sleep instead (3.2 ms). It must be set before the OpenMP runtime starts, that is
-before the first parallel kernel runs, which importing this package precedes; a value the user set is kept.
+before Numba starts its threads (the first parallel kernel, or numba.set_num_threads, which parallel.py calls before
+any kernel runs): backend.set_backend("numba") imports this package first. A value the user set is kept.
 
 Compiled kernels are cached (`cache=True`) in __pycache__, and Numba reuses a kernel's cache while the kernel's own file
 is unchanged. Every kernel compiles in helpers from _common.py (exp, the row sums) and constants from the reference

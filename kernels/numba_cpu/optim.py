@@ -9,15 +9,15 @@ clip_scale: the sum of the squared gradients in float64 in one pass per tensor, 
 tensor to a float64 copy, squares it into a second and sums that. It runs between the shards' backward passes and the
 update, on the whole step's critical path.
 
-Both run on the calling thread alone. A training step calls them from the main thread between the shards' passes
-(minielectra/parallel.py), and a parallel region there, on Numba's OpenMP pool, made the next step's shard threads
-wait for a core: on 2 cores (tiny preset, batch 32 x 128) the second shard's forward started 2.6-3.8 ms after the
-first, and 0.5 ms after it once the optimizer stopped using the pool; the step took 124.6-126.9 ms instead of
-129.8-131.8. Waking the pool also costs ~50 us a region, more than a 65,536-entry tensor's whole update on one core
-(9.5 us). AdamW's loop is still a prange, run with one thread (numba.set_num_threads is a setting of the calling
-thread): Numba compiles a parallel loop's body with its arrays marked as not overlapping, and LLVM vectorises it,
-where the same loop in a plain @njit function stays scalar (120 us for those 65,536 entries), since LLVM cannot rule
-out that p, g, m and v overlap. The sum of squares is vectorised by hand (_sum_chunk) and needs no such help.
+Both run on the calling thread alone: waking Numba's thread pool costs about 50 us a parallel region (its threads
+sleep when idle, kernels/numba_cpu/__init__.py), more than a 65,536-entry tensor's whole update on one core (9.5 us),
+and a model's tensors are mostly far smaller. In the tiny preset's 2-core step (144 tensors, 2.0 M entries) what runs
+between the shards' passes took 4.6-4.7 ms with the tensors from 65,536 entries on the pool and 3.7-3.8 ms without;
+the small preset's step (14.2 M entries) was the same either way (492.6-500.2 ms). AdamW's loop is still a prange,
+run with one thread (numba.set_num_threads is a setting of the calling thread): Numba compiles a parallel loop's body
+with its arrays marked as not overlapping, and LLVM vectorises it, where the same loop in a plain @njit function stays
+scalar (120 us for those 65,536 entries), since LLVM cannot rule out that p, g, m and v overlap. The sum of squares
+is vectorised by hand (_sum_chunk) and needs no such help.
 """
 
 import contextlib
