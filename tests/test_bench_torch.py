@@ -79,3 +79,26 @@ def test_bench_command_vs_torch_prints_the_table_and_json(torch, capsys):
     out = capsys.readouterr().out
     assert "tokens/s ratio minielectra / pytorch" in out
     assert json.loads(out.strip().splitlines()[-1])["vs_torch"]["ratio"] > 0
+
+
+@pytest.mark.parametrize("user_policy", [None, "ACTIVE"])
+def test_torch_is_imported_with_the_users_openmp_wait_policy_not_ours(tmp_path, user_policy):
+    """The Numba kernels' PASSIVE policy (kernels/numba_cpu) is theirs: PyTorch's OpenMP runtime reads the variable
+    when torch is imported, and under PASSIVE its step ran ~20 % slower. Stand-in torch and transformers modules record
+    what they see when imported, in a fresh interpreter (the real torch may already be imported in this one)."""
+    pytest.importorskip("numba")
+    import os
+    import subprocess
+
+    for name in ("torch", "transformers"):
+        (tmp_path / f"{name}.py").write_text("import os\nSEEN = os.environ.get('OMP_WAIT_POLICY')\n")
+    code = ("import os; from minielectra import backend, bench_torch; backend.set_backend('numba'); "
+            "torch, transformers = bench_torch._import(); "
+            "print(torch.SEEN, transformers.SEEN, os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_policy:
+        env["OMP_WAIT_POLICY"] = user_policy
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    expected = [str(user_policy), str(user_policy), user_policy or "PASSIVE"]  # ours is back after the import
+    assert done.stdout.split() == expected

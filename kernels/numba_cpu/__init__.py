@@ -17,6 +17,9 @@ import hashlib
 import os
 from pathlib import Path
 
+# Whether the policy below is this package's choice rather than the user's: PyTorch's own OpenMP runtime, loaded later
+# in the same process by bench --vs-torch, is then given its default (minielectra/bench_torch.py).
+WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 STAMP = "kernel-sources.sha256"
