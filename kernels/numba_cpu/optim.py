@@ -13,11 +13,11 @@ Both run on the calling thread alone: waking Numba's thread pool costs about 50 
 sleep when idle, kernels/numba_cpu/__init__.py), more than a 65,536-entry tensor's whole update on one core (9.5 us),
 and a model's tensors are mostly far smaller. In the tiny preset's 2-core step (144 tensors, 2.0 M entries) what runs
 between the shards' passes took 4.6-4.7 ms with the tensors from 65,536 entries on the pool and 3.7-3.8 ms without;
-the small preset's step (14.2 M entries) was the same either way (492.6-500.2 ms). AdamW's loop is still a prange,
-run with one thread (numba.set_num_threads is a setting of the calling thread): Numba compiles a parallel loop's body
-with its arrays marked as not overlapping, and LLVM vectorises it, where the same loop in a plain @njit function stays
-scalar (120 us for those 65,536 entries), since LLVM cannot rule out that p, g, m and v overlap. The sum of squares
-is vectorised by hand (_sum_chunk) and needs no such help.
+the small preset's step (14.2 M entries) was the same either way within the machine's noise (487.6-508.3 ms
+against 494.6-510.1). AdamW's loop is still a prange, run with one thread (numba.set_num_threads is a setting of the
+calling thread): Numba compiles a parallel loop's body with its arrays marked as not overlapping, and LLVM vectorises
+it, where the same loop in a plain @njit function stays scalar (120 us for those 65,536 entries), since LLVM cannot
+rule out that p, g, m and v overlap. The sum of squares is vectorised by hand (_sum_chunk) and needs no such help.
 """
 
 import contextlib
