@@ -6,10 +6,11 @@
 // shuffles exchange through a buffer between two per-warp barriers, __shared__ variables are statics (blocks run one
 // at a time), dynamic shared memory is one buffer filled with NaN bytes before each block (so reading what no thread
 // wrote shows up), and atomicAdd is std::atomic_ref. It checks the kernels' indexing, tiling, synchronisation and
-// arithmetic; it says nothing about speed, occupancy, register spills or the GPU's memory model. Its arithmetic rounds
-// every product (g++ -ffp-contract=off), where NVRTC fuses a * b + c into one fma unless the kernel spells the product
-// __fmul_rn / __dmul_rn: GPU results may differ from the emulator's in the last bits, and a kernel that needs a
-// product rounded on its own (an exact cancellation) must say so.
+// arithmetic; it says nothing about speed, occupancy, register spills or the GPU's memory model. NVRTC fuses a * b + c
+// into one fma unless the kernel spells the product __fmul_rn / __dmul_rn, so a kernel that needs a product rounded on
+// its own (an exact cancellation) must say so. The emulator is built both ways (emulator.py): every product rounded
+// (g++ -ffp-contract=off), and contracted where g++ sees fit (-mfma -ffp-contract=fast), which is not where NVRTC
+// does but fails the same tests when a kernel forgets to say it.
 #pragma once
 #define ME_EMULATE 1
 
@@ -59,8 +60,17 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
     return r;
 }
 
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
+// The empty asm makes the compiler store the rounded product, so that it cannot fuse it into an fma.
+inline float __fmul_rn(float a, float b) {
+    float r = a * b;
+    asm volatile("" : "+m"(r));
+    return r;
+}
+inline double __dmul_rn(double a, double b) {
+    double r = a * b;
+    asm volatile("" : "+m"(r));
+    return r;
+}
 
 template <typename T>
 inline T atomicAdd(T* address, T value) {

@@ -52,6 +52,30 @@ def assert_close(got, ref, k=K_ULPS, name="output", floor=None):
         f"(got {got.flat[worst]!r}, ref {ref.flat[worst]!r})")
 
 
+def layernorm_floors(s_abs, y_ref, ln_ref):
+    """Floors (assert_close) for y = xhat * gamma + beta and xhat = (s - mean(s)) * rstd, with s_abs = |s| (or
+    a bound on it) for the rows s that were normalised: the magnitude of their terms, max |s| * rstd per row. Where a
+    row's mean is large against its spread, s - mean cancels, and both implementations carry the rounding error of
+    the mean (eps |mean|) into xhat; the default floor, max |xhat|, would hold them to the spread's precision instead.
+    Seed 2439067075 drew such rows (mean -3387, spread 212): there the Numba kernel's y was 1.0e-15 from the exact value,
+    the reference's 3.1e-15, and their difference over the default bound."""
+    terms = s_abs.max(axis=-1, keepdims=True) * ln_ref.rstd  # (..., 1)
+    return (np.maximum(terms * np.abs(ln_ref.gamma), np.abs(y_ref).max(initial=0)),
+            np.maximum(terms, np.abs(ln_ref.xhat).max(initial=0)))
+
+
+def layernorm_dx_floor(dout, ln_ref, dx_ref):
+    """Floor (assert_close) for layer norm's dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dout gamma: the size of
+    its terms, rstd (|g| + mean |g| + |xhat| mean |g xhat|) per entry (the means' rounding errors scale with their
+    terms' sizes), and never below the default, max |dx|. The terms cancel where dx is 0 in exact arithmetic, e.g. at
+    C = 2, where the output is +-gamma + beta whatever x: there the reference's dx is ~1e-13, and a kernel that rounds
+    in another order (a GPU's fused multiply-adds) is an ulp of the terms away, ~1e-9."""
+    g = np.abs(dout.astype(np.float64) * ln_ref.gamma)
+    xhat = np.abs(ln_ref.xhat.astype(np.float64))
+    terms = ln_ref.rstd * (g + g.mean(axis=-1, keepdims=True) + xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    return np.maximum(terms, np.abs(dx_ref).max(initial=0))
+
+
 def noncontiguous(a, how):
     """The same values as `a`, as a non-contiguous view: 'T' a transposed copy transposed back, 'S' a strided slice."""
     if how == "T":

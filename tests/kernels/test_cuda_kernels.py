@@ -4,6 +4,9 @@ float64 where the kernel has it), on two runtimes:
 - "emulator": the same .cu sources and launchers on the CPU (kernels/cupy_gpu/emulator.py; needs g++). It checks the
   kernels' indexing, tiling, masking, synchronisation and arithmetic on every machine, with few small examples since
   each CUDA thread is an OS thread.
+- "emulator-fma": the same, built with multiply-adds fused as NVRTC fuses them on the GPU (where the CPU has fma): a
+  kernel whose result hangs on a product rounded on its own fails here too, not on a GPU only (layer norm's dx at
+  C = 1 did, before it said so).
 - "cupy": a real GPU (@pytest.mark.gpu), skipped with a reason when minielectra.backend.gpu_usable() is False.
 
 Plus a whole pre-training step on CuPy arrays against the NumPy step (GPU only).
@@ -24,6 +27,7 @@ from kernels.cupy_gpu import layernorm as kl
 from kernels.cupy_gpu import losses as kls
 from kernels.cupy_gpu import optim as ko
 from kernels.cupy_gpu import softmax as ksm
+from kernels.cupy_gpu.emulator import EmulatorRuntime, fma_usable
 from minielectra import backend
 from minielectra import optim as ref_optim
 from minielectra.config import TrainConfig
@@ -33,12 +37,14 @@ from minielectra.ops import embedding as re_
 from minielectra.ops import layernorm as rl
 from minielectra.ops import losses as rls
 from numba_kernel_checks import (SEEDS, assert_close, assert_same_samples, gelu_backward_floor, gelu_floor,
-                                 padded_batch)
+                                 layernorm_dx_floor, layernorm_floors, padded_batch)
 
 GPU = backend.gpu_usable()
 RUNTIMES = [
     pytest.param("emulator", marks=pytest.mark.skipif(shutil.which("g++") is None,
                                                       reason="the CPU emulator needs g++ (C++20)")),
+    pytest.param("emulator-fma", marks=pytest.mark.skipif(shutil.which("g++") is None or not fma_usable(),
+                                                          reason="needs g++ (C++20) and a CPU with fma")),
     pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="no usable CUDA GPU: CuPy is "
                                                                     "missing or sees no device")]),
 ]
@@ -51,10 +57,8 @@ examples = settings(max_examples=10, deadline=None, suppress_health_check=[Healt
 class Runtime:
     def __init__(self, name):
         self.name = name
-        if name == "emulator":
-            from kernels.cupy_gpu.emulator import EmulatorRuntime
-
-            self.rt = EmulatorRuntime()
+        if name.startswith("emulator"):
+            self.rt = EmulatorRuntime(fused=name == "emulator-fma")
         else:
             self.rt = _common.CupyRuntime()
 
@@ -67,16 +71,24 @@ class Runtime:
         return self._ctx.__exit__(*exc)
 
     def dev(self, a):
-        return a if a is None or self.name == "emulator" else self.rt.xp.asarray(a)
+        return a if a is None or self.name.startswith("emulator") else self.rt.xp.asarray(a)
 
     @staticmethod
     def host(a):
         return a.get() if hasattr(a, "get") else np.asarray(a)
 
+    def dev_cache(self, cache):
+        """A reference layer norm cache with its arrays on the runtime's device: the kernels take either forward's
+        cache, so the backward is checked on the very xhat the reference's backward uses (each forward rounds xhat its
+        own way, a GPU's with fused multiply-adds, and dx carries that on: where the reference's cancels to exactly 0,
+        e.g. at C = 2, any rounding of xhat leaves ~1e-9). The kernels' own caches feed their backward in the
+        whole-step tests."""
+        return cache._replace(**{f: self.dev(getattr(cache, f)) for f in ("xhat", "rstd", "gamma")})
+
     def loss(self, loss):
         """A loss as a float, after checking the reference's contract (minielectra.ops.losses): a Python float from
         host arrays, a 0-d float64 array from device arrays (float() there would wait for the GPU)."""
-        if self.name == "emulator":
+        if self.name.startswith("emulator"):
             assert isinstance(loss, float)
             return loss
         assert isinstance(loss, self.rt.xp.ndarray) and loss.shape == () and loss.dtype == np.float64
@@ -202,20 +214,23 @@ WIDTH = st.integers(1, 300)
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @examples
 @given(seed=SEEDS, dtype=DTYPES, rows=ROWS, C=WIDTH, mag=st.sampled_from([1.0, 1000.0]))
-@example(seed=0, dtype=np.float32, rows=(1, 1), C=1, mag=1.0)  # dx exactly 0: g - mean(g) must cancel (layernorm.cu)
 def test_layernorm_matches_reference(runtime, seed, dtype, rows, C, mag):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(rows + (C,)) * mag).astype(dtype)
     g, b = (rng.standard_normal(C).astype(dtype) for _ in range(2))
     dout = rng.standard_normal(x.shape).astype(dtype)
+    y_ref, c_ref = rl.layernorm_forward(x, g, b)
     with Runtime(runtime) as r:
         y, c = kl.layernorm_forward(r.dev(x), r.dev(g), r.dev(b))
-        got = kl.layernorm_backward(r.dev(dout), c)
-    y_ref, c_ref = rl.layernorm_forward(x, g, b)
-    assert_close(r.host(y), y_ref, name="y")
+        got = kl.layernorm_backward(r.dev(dout), r.dev_cache(c_ref))
+    floor_y, floor_xhat = layernorm_floors(np.abs(x), y_ref, c_ref)
+    assert_close(r.host(y), y_ref, name="y", floor=floor_y)
+    assert_close(r.host(c.xhat), c_ref.xhat, name="xhat", floor=floor_xhat)
     assert_close(r.host(c.rstd), c_ref.rstd, name="rstd")
-    for name, a, w in zip(("dx", "dgamma", "dbeta"), got, rl.layernorm_backward(dout, c_ref)):
-        assert_close(r.host(a), w, name=name, k=16)
+    want = rl.layernorm_backward(dout, c_ref)
+    floors = {"dx": layernorm_dx_floor(dout, c_ref, want[0])}
+    for name, a, w in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert_close(r.host(a), w, name=name, k=16, floor=floors.get(name))
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -225,15 +240,39 @@ def test_dropout_add_layernorm_matches_reference(runtime, seed, dtype, rows, C, 
     rng = np.random.default_rng(seed)
     x, residual, dout = ((rng.standard_normal(rows + (C,)) * 30).astype(dtype) for _ in range(3))
     g, b = (rng.standard_normal(C).astype(dtype) for _ in range(2))
+    y_ref, c_ref = rl.dropout_add_layernorm_forward(x, residual, g, b, p, np.random.default_rng(seed), train)
     with Runtime(runtime) as r:
         y, c = kl.dropout_add_layernorm_forward(r.dev(x), r.dev(residual), r.dev(g), r.dev(b), p,
                                                 np.random.default_rng(seed), train)
-        got = kl.dropout_add_layernorm_backward(r.dev(dout), c)
-    y_ref, c_ref = rl.dropout_add_layernorm_forward(x, residual, g, b, p, np.random.default_rng(seed), train)
+        got = kl.dropout_add_layernorm_backward(r.dev(dout), c_ref._replace(ln=r.dev_cache(c_ref.ln)))
     assert (c.seed, c.threshold) == (c_ref.seed, c_ref.threshold)
-    assert_close(r.host(y), y_ref, name="y")
-    for name, a, w in zip(("dx", "dresidual", "dgamma", "dbeta"), got, rl.dropout_add_layernorm_backward(dout, c_ref)):
-        assert_close(r.host(a), w, name=name, k=16)
+    floor_y, floor_xhat = layernorm_floors(np.abs(residual) + np.abs(x) * c_ref.drop_scale, y_ref, c_ref.ln)
+    assert_close(r.host(y), y_ref, name="y", floor=floor_y)
+    assert_close(r.host(c.ln.xhat), c_ref.ln.xhat, name="xhat", floor=floor_xhat)
+    want = rl.dropout_add_layernorm_backward(dout, c_ref)
+    dln = layernorm_dx_floor(dout, c_ref.ln, want[1])  # dresidual is the layer norm's dx; dx, that times the scale
+    floors = {"dx": np.maximum(dln * c_ref.drop_scale, np.abs(want[0]).max(initial=0)), "dresidual": dln}
+    for name, a, w in zip(("dx", "dresidual", "dgamma", "dbeta"), got, want):
+        assert_close(r.host(a), w, name=name, k=16, floor=floors.get(name))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layernorm_over_one_feature_has_exactly_zero_dx(runtime, dtype):
+    """At C = 1, xhat is 0 and the output is beta whatever x, so dx is exactly 0, and the reference computes exactly 0
+    (g - mean(g) is g - g). layernorm.cu rounds g = dout * gamma on its own for this: fused into the subtraction as
+    fma(dout, gamma, -mean(g)), it left rstd * (the product's rounding error), and a GPU gave dx = -2.9e-4."""
+    rng = np.random.default_rng(5)
+    x, dout, residual = (rng.standard_normal((3, 4, 1)).astype(dtype) for _ in range(3))
+    g, b = (rng.standard_normal(1).astype(dtype) for _ in range(2))
+    with Runtime(runtime) as r:
+        _, c = kl.layernorm_forward(r.dev(x), r.dev(g), r.dev(b))
+        dx = r.host(kl.layernorm_backward(r.dev(dout), c)[0])
+        _, c = kl.dropout_add_layernorm_forward(r.dev(x), r.dev(residual), r.dev(g), r.dev(b), 0.0, None, False)
+        dx_sum, dresidual = (r.host(a) for a in kl.dropout_add_layernorm_backward(r.dev(dout), c)[:2])
+    assert np.all(rl.layernorm_backward(dout, rl.layernorm_forward(x, g, b)[1])[0] == 0)  # the reference's exact 0
+    for name, a in (("layernorm dx", dx), ("dropout_add_layernorm dx", dx_sum), ("dresidual", dresidual)):
+        assert np.all(a == 0), f"{name}: {a.ravel()}"
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -10,7 +10,8 @@ pytest.importorskip("numba")
 from minielectra.gradcheck import check_op, format_table  # noqa: E402
 from minielectra.ops import layernorm as ref  # noqa: E402
 from kernels.numba_cpu import layernorm as ker  # noqa: E402
-from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close, noncontiguous  # noqa: E402
+from numba_kernel_checks import (DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close,  # noqa: E402
+                                 layernorm_floors, noncontiguous)
 
 pytestmark = pytest.mark.numba
 
@@ -29,30 +30,18 @@ def _inputs(seed, shape, dtype, mag, layout):
     return noncontiguous(x, layout), gamma, beta, noncontiguous(dout, layout)
 
 
-def _floors(s_abs, y_ref, ln_ref):
-    """Floors (numba_kernel_checks) for y = xhat * gamma + beta and xhat = (s - mean(s)) * rstd, with s_abs = |s| (or
-    a bound on it) for the rows s that were normalised: the magnitude of their terms, max |s| * rstd per row. Where a
-    row's mean is large against its spread, s - mean cancels, and both implementations carry the rounding error of
-    the mean (eps |mean|) into xhat; the default floor, max |xhat|, would hold them to the spread's precision instead.
-    Seed 2439067075 drew such rows (mean -3387, spread 212): there the kernel's y was 1.0e-15 from the exact value,
-    the reference's 3.1e-15, and their difference over the default bound."""
-    terms = s_abs.max(axis=-1, keepdims=True) * ln_ref.rstd  # (..., 1)
-    return (np.maximum(terms * np.abs(ln_ref.gamma), np.abs(y_ref).max()),
-            np.maximum(terms, np.abs(ln_ref.xhat).max()))
-
-
 @KERNEL_SETTINGS
 @given(seed=SEEDS, shape=SHAPES, dtype=DTYPES, mag=MAGNITUDES, layout=LAYOUTS)
 def test_forward_and_backward_match_reference(seed, shape, dtype, mag, layout):
     x, gamma, beta, dout = _inputs(seed, shape, dtype, mag, layout)
     y_ref, c_ref = ref.layernorm_forward(x, gamma, beta)
     y, c = ker.layernorm_forward(x, gamma, beta)
-    floor_y, floor_xhat = _floors(np.abs(x), y_ref, c_ref)
+    floor_y, floor_xhat = layernorm_floors(np.abs(x), y_ref, c_ref)
     assert_close(y, y_ref, name="y", floor=floor_y)
     assert_close(c.xhat, c_ref.xhat, name="xhat", floor=floor_xhat)
     assert_close(c.rstd, c_ref.rstd, name="rstd")
-    # The backwards on one cache, the reference's: each forward rounds xhat its own way (_floors), and dx would carry
-    # that difference on. The kernel's backward on its own forward's cache is gradient-checked below.
+    # The backwards on one cache, the reference's: each forward rounds xhat its own way (layernorm_floors), and dx
+    # would carry that difference on. The kernel's backward on its own forward's cache is gradient-checked below.
     for name, got, want in zip(("dx", "dgamma", "dbeta"), ker.layernorm_backward(dout, c_ref),
                                ref.layernorm_backward(dout, c_ref)):
         assert_close(got, want, name=name)
@@ -97,14 +86,14 @@ def test_rejects_what_the_reference_rejects():
 @KERNEL_SETTINGS
 @given(seed=SEEDS, shape=SHAPES, dtype=DTYPES, mag=MAGNITUDES, layout=LAYOUTS, p=st.sampled_from([0.0, 0.1, 0.5]),
        train=st.booleans())
-@example(seed=2_439_067_075, shape=(14, 6), dtype=np.float64, mag=1000.0, layout="C", p=0.0, train=False)  # _floors
+@example(seed=2_439_067_075, shape=(14, 6), dtype=np.float64, mag=1000.0, layout="C", p=0.0, train=False)  # layernorm_floors
 def test_dropout_add_layernorm_matches_reference(seed, shape, dtype, mag, layout, p, train):
     x, gamma, beta, dout = _inputs(seed, shape, dtype, mag, layout)
     residual = noncontiguous(_inputs(seed + 1, shape, dtype, mag, "C")[0], layout)
     y_ref, c_ref = ref.dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed), train)
     y, c = ker.dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed), train)
     assert (c.seed, c.threshold, c.drop_scale) == (c_ref.seed, c_ref.threshold, c_ref.drop_scale)
-    floor_y, floor_xhat = _floors(np.abs(residual) + np.abs(x) * c_ref.drop_scale, y_ref, c_ref.ln)
+    floor_y, floor_xhat = layernorm_floors(np.abs(residual) + np.abs(x) * c_ref.drop_scale, y_ref, c_ref.ln)
     assert_close(y, y_ref, name="y", floor=floor_y)
     assert_close(c.ln.xhat, c_ref.ln.xhat, name="xhat", floor=floor_xhat)
     assert_close(c.ln.rstd, c_ref.ln.rstd, name="rstd")
