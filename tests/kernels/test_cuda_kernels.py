@@ -464,10 +464,11 @@ def test_cupy_step_matches_numpy_step():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU emulator needs g++ (C++20)")
-def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch):
+@pytest.mark.parametrize("runtime", [p for p in RUNTIMES if p.values[0].startswith("emulator")])
+def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch, runtime):
     """Every dispatched op of a whole ELECTRA step routed to the kernels.cupy_gpu launchers on the CPU emulator:
-    checks that the launchers fit the model (views, shapes, caches, dtypes) the way the GPU run will use them."""
+    checks that the launchers fit the model (views, shapes, caches, dtypes) the way the GPU run will use them, and
+    the AdamW kernel on the step's gradients, as test_cupy_step_matches_numpy_step does on a GPU."""
     import importlib
 
     from minielectra import electra
@@ -491,9 +492,11 @@ def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch):
         m = importlib.import_module(module)
         if hasattr(m, "dispatch"):
             monkeypatch.setattr(m, "dispatch", dispatch)
-    with Runtime("emulator"):
+    stepped, mine = ({k: p.copy() for k, p in params.items()} for _ in range(2))
+    with Runtime(runtime):
         losses, metrics, grads = electra.loss_and_grads(params, (ids, mask), config, np.random.default_rng(3),
                                                         train=False)
+        ko.adamw_step(mine, grads, ref_optim.adamw_init(mine), 1e-3, TrainConfig())
     assert {"attention_forward", "layernorm_forward", "dropout_add_layernorm_forward", "bias_gelu_forward",
             "gumbel_sample", "softmax_cross_entropy", "sigmoid_cross_entropy", "embedding_backward"} <= used
     for k in ref_losses:
@@ -504,3 +507,6 @@ def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch):
         assert grads[k].dtype == np.float32, k
         err = np.linalg.norm((grads[k] - ref_grads[k]).astype(np.float64))
         assert err <= 1e-5 * (np.linalg.norm(ref_grads[k].astype(np.float64)) + floor), k
+    ref_optim.adamw_step(stepped, grads, ref_optim.adamw_init(stepped), 1e-3, TrainConfig())
+    for k in params:
+        assert_close(mine[k], stepped[k], name=k)
