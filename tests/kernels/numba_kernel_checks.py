@@ -57,8 +57,8 @@ def layernorm_floors(s_abs, y_ref, ln_ref):
     a bound on it) for the rows s that were normalised: the magnitude of their terms, max |s| * rstd per row. Where a
     row's mean is large against its spread, s - mean cancels, and both implementations carry the rounding error of
     the mean (eps |mean|) into xhat; the default floor, max |xhat|, would hold them to the spread's precision instead.
-    Seed 2439067075 drew such rows (mean -3387, spread 212): there the Numba kernel's y was 1.0e-15 from the exact value,
-    the reference's 3.1e-15, and their difference over the default bound."""
+    Seed 2439067075 drew such rows (mean -3387, spread 212): there the Numba kernel's y was 1.0e-15 from the exact
+    value, the reference's 3.1e-15, and their difference over the default bound."""
     terms = s_abs.max(axis=-1, keepdims=True) * ln_ref.rstd  # (..., 1)
     return (np.maximum(terms * np.abs(ln_ref.gamma), np.abs(y_ref).max(initial=0)),
             np.maximum(terms, np.abs(ln_ref.xhat).max(initial=0)))

@@ -80,9 +80,8 @@ class Runtime:
     def dev_cache(self, cache):
         """A reference layer norm cache with its arrays on the runtime's device: the kernels take either forward's
         cache, so the backward is checked on the very xhat the reference's backward uses (each forward rounds xhat its
-        own way, a GPU's with fused multiply-adds, and dx carries that on: where the reference's cancels to exactly 0,
-        e.g. at C = 2, any rounding of xhat leaves ~1e-9). The kernels' own caches feed their backward in the
-        whole-step tests."""
+        own way, a GPU's with fused multiply-adds, and dx would carry the difference on), as the Numba kernel's test
+        does. The kernels' own caches feed their backward in the whole-step tests."""
         return cache._replace(**{f: self.dev(getattr(cache, f)) for f in ("xhat", "rstd", "gamma")})
 
     def loss(self, loss):

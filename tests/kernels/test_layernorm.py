@@ -86,7 +86,8 @@ def test_rejects_what_the_reference_rejects():
 @KERNEL_SETTINGS
 @given(seed=SEEDS, shape=SHAPES, dtype=DTYPES, mag=MAGNITUDES, layout=LAYOUTS, p=st.sampled_from([0.0, 0.1, 0.5]),
        train=st.booleans())
-@example(seed=2_439_067_075, shape=(14, 6), dtype=np.float64, mag=1000.0, layout="C", p=0.0, train=False)  # layernorm_floors
+# the rows layernorm_floors speaks of
+@example(seed=2_439_067_075, shape=(14, 6), dtype=np.float64, mag=1000.0, layout="C", p=0.0, train=False)
 def test_dropout_add_layernorm_matches_reference(seed, shape, dtype, mag, layout, p, train):
     x, gamma, beta, dout = _inputs(seed, shape, dtype, mag, layout)
     residual = noncontiguous(_inputs(seed + 1, shape, dtype, mag, "C")[0], layout)
