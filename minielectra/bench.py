@@ -226,8 +226,9 @@ def format_step(r):
     ])
 
 
-def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
-    """(name, reference-module op pairs, inputs) for every dispatched op at the shapes the step uses."""
+def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng, xp=np):
+    """(name, reference-module op pairs, inputs) for every dispatched op at the shapes the step uses, with the arrays
+    in xp (cupy: on the GPU, where its kernels take them)."""
     from minielectra.ops.embedding import EmbeddingCache
 
     B, T, C, H = batch_size, seq_len, config.hidden_size, config.num_attention_heads
@@ -236,10 +237,13 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
     f32 = np.float32
 
     def r(*shape):
-        return rng.standard_normal(shape).astype(f32)
+        return xp.asarray(rng.standard_normal(shape).astype(f32))
 
-    mask = np.ones((B, T), dtype=np.int64)
-    ids = rng.integers(0, V, (B, T))
+    def ints(high, shape):
+        return xp.asarray(rng.integers(0, high, shape))
+
+    mask = xp.ones((B, T), dtype=np.int64)
+    ids = ints(V, (B, T))
     params = {"w": r(C, F), "b.bias": r(F)}
     return [
         ("attention fwd+bwd", ("attention_forward", "attention_backward"),
@@ -249,10 +253,9 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
         ("dropout+add+LN", ("dropout_add_layernorm_forward", "dropout_add_layernorm_backward"),
          (r(B, T, C), r(B, T, C), r(C), r(C), config.hidden_dropout_prob, np.random.default_rng(0)), r(B, T, C)),
         ("bias+gelu fwd+bwd", ("bias_gelu_forward", "bias_gelu_backward"), (r(B, T, F), r(F)), r(B, T, F)),
-        ("softmax CE (MLM)", ("softmax_cross_entropy",), (r(N, V), rng.integers(0, V, N)), None),
+        ("softmax CE (MLM)", ("softmax_cross_entropy",), (r(N, V), ints(V, N)), None),
         ("gumbel sample", ("gumbel_sample",), (r(N, V), config.temperature, np.random.default_rng(0)), None),
-        ("sigmoid CE (RTD)", ("sigmoid_cross_entropy",), (r(B, T), rng.integers(0, 2, (B, T)), np.ones((B, T), f32)),
-         None),
+        ("sigmoid CE (RTD)", ("sigmoid_cross_entropy",), (r(B, T), ints(2, (B, T)), xp.ones((B, T), f32)), None),
         ("embedding bwd", ("embedding_backward",), (r(B, T, E), EmbeddingCache(ids, (V, E))), None),
         ("adamw (C x F)", ("adamw_step",), (params, {k: r(*v.shape) for k, v in params.items()}, adamw_init(params),
                                             1e-4, train, 1.0), None),
@@ -261,26 +264,32 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng):
 
 def bench_ops(config: ElectraConfig, train, batch_size, seq_len, repeats=10):
     """[(op, reference s, kernel s or None, reference peak bytes, kernel peak bytes or None)]: medians of `repeats`
-    calls at the step's shapes, side by side, and the host memory one call allocates at its peak (caches included: a
-    forward's cache lives until its backward)."""
+    calls at the step's shapes, side by side, and the memory one call allocates at its peak (caches included: a
+    forward's cache lives until its backward). Under the cupy backend both run on the GPU, the reference as CuPy array
+    code, each call timed up to the device's synchronisation, its memory from CuPy's pool."""
     import importlib
 
     rng = np.random.default_rng(0)
+    xp = backend.array_module()
     package = {"numba": "kernels.numba_cpu", "cupy": "kernels.cupy_gpu"}.get(backend.active_backend())
     rows = []
-    for name, ops, args, dout in _op_cases(config, train, batch_size, seq_len, rng):
+    for name, ops, args, dout in _op_cases(config, train, batch_size, seq_len, rng, xp):
         def runner(fns):
-            if len(fns) == 1:
-                return lambda: fns[0](*args)
-            return lambda: fns[1](dout, fns[0](*args)[1])
+            def call():
+                if len(fns) == 1:
+                    fns[0](*args)
+                else:
+                    fns[1](dout, fns[0](*args)[1])
+                backend.synchronize(xp)
+            return call
 
         ref = [getattr(importlib.import_module(backend._OP_MODULES[op]), op) for op in ops]
-        ker = [backend.dispatch(op, np.zeros(1)) for op in ops]
+        ker = [backend.dispatch(op, xp.zeros(1)) for op in ops]
         has_kernel = package is not None and all(k is not r for k, r in zip(ker, ref))
         ref_t, _, _ = time_calls(runner(ref), repeats, 2)
         ker_t = time_calls(runner(ker), repeats, 2)[0] if has_kernel else None
-        ref_mem = peak_memory(runner(ref))
-        ker_mem = peak_memory(runner(ker)) if has_kernel else None
+        ref_mem = peak_memory(runner(ref), xp)
+        ker_mem = peak_memory(runner(ker), xp) if has_kernel else None
         rows.append((name, ref_t, ker_t, ref_mem, ker_mem))
     return rows
 
