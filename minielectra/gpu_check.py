@@ -6,6 +6,7 @@
    batch on the GPU; kernels dispatched for CuPy arrays);
 3. if PyTorch with CUDA is installed, the same step in PyTorch on CUDA (bench_torch.TorchStep(device="cuda")) for a
    tokens/s ratio; otherwise that column says why it is missing;
+4. for each preset, `bench --ops`'s table: each CUDA kernel against the reference as CuPy code, at the step's shapes;
 then one short table. Works from a source checkout without `pip install` (the repository root goes on sys.path) and
 needs nothing beyond numpy, cupy, nvcc/NVRTC, pytest + hypothesis for step 1, and optionally torch + transformers.
 
@@ -122,11 +123,17 @@ def main(argv=None):
     backend.set_backend("cupy")
     backend.set_tf32(args.tf32)  # the tests above ran in their own process, so no float32 GEMM has run here yet
     print(backend.describe())
+    from minielectra import bench
+    from minielectra.config import preset as get_preset
+
     results = []
     for preset in [p for p in args.presets.split(",") if p]:
         r = bench_cupy(preset, args.steps)
         r["torch"] = bench_torch_cuda(preset, args.steps)
         results.append(r)
+        config, train = get_preset(preset)
+        print(f"\n{preset}, batch {train.batch_size} x {train.seq_len}, per op:")
+        print(bench.format_ops(bench.bench_ops(config, train, train.batch_size, train.seq_len)))
 
     print()
     for label, value in rows:
