@@ -20,6 +20,7 @@ Everything is written against `xp`, the array module of the parameters, so the s
 in place.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from minielectra.backend import get_xp, on_device
 NO_DECAY_MARKERS = ("LayerNorm", "layer_norm")
 
 
+@functools.lru_cache(maxsize=None)  # asked for every parameter on every step
 def no_decay(name):
     """True when the parameter called `name` is excluded from weight decay: a LayerNorm weight or bias, or any bias.
 
@@ -63,6 +65,10 @@ def _check_matching(params, grads, state):
     Without this check a missing gradient would be a KeyError deep in the loop, and a gradient of the wrong shape
     could broadcast silently into the moments.
     """
+    others = (grads, state.m, state.v)
+    if all(len(o) == len(params) for o in others) and all(
+            k in o and o[k].shape == p.shape for k, p in params.items() for o in others):
+        return  # the usual case, found without building the sets below (every step runs this)
     problems = []
     for what, other in (("grads", grads), ("state.m", state.m), ("state.v", state.v)):
         missing = sorted(set(params) - set(other))

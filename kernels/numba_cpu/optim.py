@@ -59,23 +59,26 @@ def _sum_chunk(g, acc, lo, hi):
 
 @njit(cache=True, nogil=True)
 def _sum_squares(g, partial):
-    # g (n,) flat; partial (chunks, _LANES) float64: chunk c owns row c and the entries
-    # [c n / chunks, (c+1) n / chunks), summed in that order.
+    # g (n,) flat; partial (chunks, _LANES) float64 scratch: chunk c owns row c and the entries
+    # [c n / chunks, (c+1) n / chunks), summed in that order. Returns the sum of the rows, in row and lane order.
     n = g.size
     chunks = partial.shape[0]
+    total = 0.0
     for c in range(chunks):
         _sum_chunk(g, partial[c], c * n // chunks, (c + 1) * n // chunks)
+        for lane in range(_LANES):
+            total += partial[c, lane]
+    return total
 
 
 def clip_scale(grads, max_norm):
     """Same contract as minielectra.optim.clip_scale: (global_norm, scale). Tensors are added in sorted key order, as
     in the reference, so a resumed run adds them in the same order as a fresh one."""
+    partial = np.empty((n_chunks(2**62), _LANES))  # scratch for every tensor's chunk sums: one allocation a step
     total = 0.0
     for k in sorted(grads):
         g = np.ascontiguousarray(grads[k]).reshape(-1)
-        partial = np.zeros((n_chunks(g.size), _LANES))
-        _sum_squares(g, partial)
-        total += float(partial.sum())
+        total += _sum_squares(g, partial[:n_chunks(g.size)])
     return norm_and_scale(total, max_norm)
 
 
@@ -91,8 +94,11 @@ def _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _adamw_flat(p, g, m, v, lr, grad_scale, b1, c1, b2, c2, eps, wd):
+def _adamw_flat(p, g, m, v, c):
+    # c: lr, grad_scale, b1, 1 - b1, b2, 1 - b2, eps, weight decay, in p's dtype: one array, not eight scalars, since
+    # each argument costs its type check on every call (144 calls a step in the tiny preset).
     # Run inside _one_thread (see the module docstring): prange for the vectorised loop, not for the threads.
+    lr, grad_scale, b1, c1, b2, c2, eps, wd = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
     for i in prange(p.size):  # each iteration owns element i
         _adamw_element(p, g, m, v, i, lr, grad_scale, b1, c1, b2, c2, eps, wd)
 
@@ -112,15 +118,17 @@ def adamw_step(params, grads, state, lr, config, grad_scale=1.0):
     """Same contract as minielectra.optim.adamw_step: params, state.m, state.v updated in place, state.step += 1."""
     _check_matching(params, grads, state)
     b1, b2 = config.adam_beta1, config.adam_beta2
+    # 1 - beta is formed in float64 and rounded once, as the reference's Python scalars are: 1 - float32(0.999) would
+    # be off by 1e-5 relative.
+    row = [lr, grad_scale, b1, 1 - b1, b2, 1 - b2, config.adam_epsilon]
+    consts = {}  # (dtype, decayed) -> _adamw_flat's c
     with _one_thread():
         for k, p in params.items():
             if not (p.flags.c_contiguous and state.m[k].flags.c_contiguous and state.v[k].flags.c_contiguous):
                 raise ValueError(f"adamw_step kernel updates in place and needs C-contiguous arrays; {k} is not")
-            t = p.dtype.type
             g = np.ascontiguousarray(grads[k], dtype=p.dtype)
-            wd = 0.0 if no_decay(k) else config.weight_decay
-            # 1 - beta is formed in float64 and rounded once, as the reference's Python scalars are:
-            # 1 - float32(0.999) would be off by 1e-5 relative.
-            _adamw_flat(p.reshape(-1), g.reshape(-1), state.m[k].reshape(-1), state.v[k].reshape(-1), t(lr),
-                        t(grad_scale), t(b1), t(1 - b1), t(b2), t(1 - b2), t(config.adam_epsilon), t(wd))
+            key = (p.dtype, not no_decay(k))
+            if key not in consts:
+                consts[key] = np.array(row + [config.weight_decay if key[1] else 0.0], dtype=p.dtype)
+            _adamw_flat(p.reshape(-1), g.reshape(-1), state.m[k].reshape(-1), state.v[k].reshape(-1), consts[key])
     state.step += 1
