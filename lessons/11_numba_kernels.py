@@ -145,18 +145,23 @@ print(f"layernorm and bias+GELU kernels agree with the reference (float32, rtol 
 # - **one `prange` iteration per (batch, head)**: B·H independent problems, spread over the cores by Numba's thread
 #   pool. Each iteration writes only its own (b, h) slices, so there are no races and no locks.
 # - the iteration walks its queries in **blocks of rows** (`BR` = 256 in the kernel, 64 in the loop below):
-#   `scores = q_blk kᵀ` goes to BLAS (`np.dot` on contiguous slices) into a (BR, T) scratch block, and the softmax
+#   `scores = q_blk kᵀ` goes to BLAS into a (BR, T) scratch block, and the softmax
 #   runs in place on it, one row at a time: scale and mask while finding the row max, then `exp(s - max)` and the
 #   sum, then the division. The max trick of lesson 02 keeps it stable; a row whose keys are all padding becomes
 #   zeros, as in the reference. Then `out_blk = weights @ v` (BLAS).
 # - **nothing (T, T) is kept**: the cache holds q, k, v and, per query row, its max and its sum (B, H, T). The backward
-#   redoes the same `np.dot` on the same block and rebuilds each weight as `exp(s - max) / sum`, the forward's very
+#   redoes the same product on the same block and rebuilds each weight as `exp(s - max) / sum`, the forward's very
 #   numbers, so memory grows linearly in T where the reference keeps `probs` and a dropout scale of (B, H, T, T) each.
 #   `cache.probs` recomputes the weights when you want to plot them.
 # - **dropout is the reference's hashed mask**: one 64-bit seed drawn from the Generator, and keep(b, h, i, j) a hash
 #   of the seed and the entry's flat index (`minielectra.ops.dropout.hashed_keep_mask`), computed inside the loops in
 #   the forward and again in the backward. The reference and the CUDA kernel use the same hash, so the same Generator
 #   state drops the same weights on every backend, and a seeded run is replayed exactly whichever backend it uses.
+# - **each head is read and written where it lies**: q, k, v come from `mha_forward` as (B, H, T, D) views of the
+#   (B, T, C) projections, a head's rows C entries apart. BLAS takes that row stride as its "leading dimension", so
+#   the kernel calls BLAS's gemm on the head in place (`kernels/numba_cpu/_blas.py`; numba's `np.dot` would want a
+#   contiguous copy) and writes out, dq, dk, dv in the same (B, T, H, D) layout, which merges back into (B, T, C)
+#   with a reshape.
 # - **BLAS runs single-threaded inside the `prange`** (threadpoolctl limits it for the call): the parallel loop already
 #   keeps every core busy, and a multithreaded BLAS call from each of those threads would put several threads on each
 #   core (2 to 3 times slower, measured).

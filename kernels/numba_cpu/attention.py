@@ -17,8 +17,10 @@ Dropout is the reference's counter-based mask (`minielectra.ops.dropout.hashed_k
 the Generator, keep(b, h, i, j) a splitmix64 hash of (seed, flat index + 1) computed inside the loops, in the forward
 and again in the backward. The same seed drops the same weights as the reference and as the CUDA kernel.
 
-The GEMMs stay on BLAS (numba's np.dot on contiguous 2-D slices): seven per head, one more than the reference, since
-the backward recomputes the scores. What sits between them is fused: the reference makes separate (B, H, T, T) passes
+The GEMMs stay on BLAS: seven per head, one more than the reference, since the backward recomputes the scores. They
+run on each head where it lies (`_blas.gemm`): q, k, v and dout are usually mha_forward's views of (B, T, C)
+activations, a head's (T, D) rows C entries apart, and out, dq, dk, dv are written in that (B, T, H, D) layout and
+returned as (B, H, T, D) views of it, so mha's merge of the heads back into (B, T, C) is a reshape, not a copy. What sits between them is fused: the reference makes separate (B, H, T, T) passes
 for the scale, mask, max, exp, sum, divide, dropout and the softmax backward, each writing a new array. The GEMMs
 set the floor: at T = 512 (B 8, H 2, D 64, dropout 0.1, OpenBLAS's AVX-512 kernels) on one core the seven of them take
 19.7 ms and the kernel 24.3 (forward 7.4, backward 16.9); on 2 cores (`bench --ops`) the kernel takes 12.5-12.7 ms and
@@ -32,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from kernels.numba_cpu._blas import gemm
 from kernels.numba_cpu._common import exp, float_dtype, keep_row, row_dot, row_max, row_sum
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
@@ -49,7 +52,7 @@ BR = 256
 
 
 class AttentionKernelCache(NamedTuple):
-    q: object  # (B, H, T, D) contiguous
+    q: object  # (B, H, T, D), the forward's arrays (views, not copies) in the kernel's dtype
     k: object  # (B, H, T, D)
     v: object  # (B, H, T, D)
     rowmax: object  # (B, H, T) max of each masked, scaled score row; -inf for a fully masked row
@@ -77,24 +80,34 @@ class AttentionKernelCache(NamedTuple):
         return _dropout.hashed_keep_mask(np, self.seed, (B, H, T, T), self.threshold)
 
 
+@njit(cache=True, inline="always")
+def _offset(lay, b, h, i):
+    """Where head (b, h) of the i-th array starts in its flat array (see `_heads`)."""
+    return b * lay[i, 0] + h * lay[i, 1]
+
+
 @njit(cache=True, parallel=True, nogil=True)
-def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsum):
-    # q, k, v (B*H, T, D); keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop;
-    # c: scale, dropout scale, +inf in the input dtype; br: query rows per block. Writes out (B*H, T, D), rowmax and
-    # rowsum (B*H, T).
-    BH, T, D = q.shape
+def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, rowsum):
+    # q, k, v, out: flat arrays, entry (b, h, t, d) of each at b lay[i, 0] + h lay[i, 1] + t lay[i, 2] + d (`_heads`);
+    # keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop; c: scale, dropout scale,
+    # +inf in the input dtype; br: query rows per block. Writes out, rowmax and rowsum (B*H, T).
+    BH, T = rowmax.shape
     H = BH // keys.shape[0]
+    D = lay[4, 0]
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
     for bh in prange(BH):
-        kb = keys[bh // H]  # (T,)
+        b, h = bh // H, bh % H
+        qo, ko = _offset(lay, b, h, 0), _offset(lay, b, h, 1)
+        vo, oo = _offset(lay, b, h, 2), _offset(lay, b, h, 3)
+        kb = keys[b]  # (T,)
         all_real = kb.all()
         scratch = np.empty((min(br, T), T), q.dtype)
         kept = np.empty(T, np.bool_)
         for r0 in range(0, T, br):
             n = min(br, T - r0)
             P = scratch[:n]  # (n, T): scores, then weights, then dropped weights
-            np.dot(q[bh, r0:r0 + n], k[bh].T, P)
+            gemm(q[qo + r0 * lay[0, 2]:], lay[0, 2], False, k[ko:], lay[1, 2], True, P, T, n, T, D, False)
             for ii in range(n):
                 i = r0 + ii
                 p = P[ii]  # (T,)
@@ -124,37 +137,33 @@ def _forward(q, k, v, keys, seed, threshold, use_drop, c, br, out, rowmax, rowsu
                 else:
                     for j in range(T):
                         p[j] = p[j] / tot
-            np.dot(P, v[bh], out[bh, r0:r0 + n])
-
-
-@njit(cache=True, inline="always")
-def _add_into(acc, part):
-    """acc += part, element by element: no temporary copy of part (numba's array += may make one)."""
-    for t in range(acc.shape[0]):
-        for d in range(acc.shape[1]):
-            acc[t, d] += part[t, d]
+            gemm(P, T, False, v[vo:], lay[2, 2], False, out[oo + r0 * lay[3, 2]:], lay[3, 2], n, D, T, False)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c, br, dq, dk, dv):
-    # As _forward, plus dout (B*H, T, D) and the forward's rowmax, rowsum; writes dq, dk, dv (B*H, T, D).
-    BH, T, D = q.shape
+def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, threshold, use_drop, c, br):
+    # As _forward, with dout, q, k, v, dq, dk, dv flat and placed by lay's rows 0-6, and the forward's rowmax, rowsum;
+    # writes dq, dk, dv.
+    BH, T = rowmax.shape
     H = BH // keys.shape[0]
+    D = lay[7, 0]
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
     for bh in prange(BH):
-        kb = keys[bh // H]  # (T,)
+        b, h = bh // H, bh % H
+        go, qo, ko, vo = _offset(lay, b, h, 0), _offset(lay, b, h, 1), _offset(lay, b, h, 2), _offset(lay, b, h, 3)
+        dqo, dko, dvo = _offset(lay, b, h, 4), _offset(lay, b, h, 5), _offset(lay, b, h, 6)
+        kb = keys[b]  # (T,)
         rows = min(br, T)
         Pbuf = np.empty((rows, T), q.dtype)  # weights, then dropped weights
         Gbuf = np.empty((rows, T), q.dtype)  # d(dropped), then dprobs, then dscores
         kept = np.empty(T, np.bool_)
-        part = np.empty((T, D), q.dtype)  # one block's share of dk or dv
         for r0 in range(0, T, br):
             n = min(br, T - r0)
             P, G = Pbuf[:n], Gbuf[:n]
-            qb, gb = q[bh, r0:r0 + n], dout[bh, r0:r0 + n]
-            np.dot(qb, k[bh].T, P)  # the forward's scores, recomputed
-            np.dot(gb, v[bh].T, G)  # from out = dropped @ v
+            qb, gb = q[qo + r0 * lay[1, 2]:], dout[go + r0 * lay[0, 2]:]  # the block's first rows of q and dout
+            gemm(qb, lay[1, 2], False, k[ko:], lay[2, 2], True, P, T, n, T, D, False)  # the forward's scores, again
+            gemm(gb, lay[0, 2], False, v[vo:], lay[3, 2], True, G, T, n, T, D, False)  # from out = dropped @ v
             for ii in range(n):
                 i = r0 + ii
                 p, g = P[ii], G[ii]  # (T,)
@@ -175,18 +184,33 @@ def _backward(dout, q, k, v, keys, rowmax, rowsum, seed, threshold, use_drop, c,
                 if use_drop:
                     for j in range(T):
                         p[j] = p[j] * drop_scale if kept[j] else zero
-            # dv and dk sum over the blocks: the first block's share is written in place, the others added to it
-            if r0 == 0:
-                np.dot(P.T, gb, dv[bh])  # from out = dropped @ v
-            else:
-                np.dot(P.T, gb, part)
-                _add_into(dv[bh], part)
-            np.dot(G, k[bh], dq[bh, r0:r0 + n])  # from scores = q @ k^T * scale
-            if r0 == 0:
-                np.dot(G.T, qb, dk[bh])
-            else:
-                np.dot(G.T, qb, part)
-                _add_into(dk[bh], part)
+            # dv and dk sum over the blocks: the first block writes them, the others add to them (BLAS's beta = 1)
+            gemm(P, T, True, gb, lay[0, 2], False, dv[dvo:], lay[6, 2], T, D, n, r0 > 0)  # from out = dropped @ v
+            gemm(G, T, False, k[ko:], lay[2, 2], False, dq[dqo + r0 * lay[4, 2]:], lay[4, 2], n, D, T, False)
+            gemm(G, T, True, qb, lay[1, 2], False, dk[dko:], lay[5, 2], T, D, n, r0 > 0)  # from scores = q k^T scale
+
+
+def _heads(a):
+    """(flat, (sb, sh, st)): a (B, H, T, D) as a flat array that holds entry (b, h, t, d) at b sb + h sh + t st + d,
+    without a copy when a is contiguous in the (B, H, T, D) layout or in mha's (B, T, H, D) one; else a copy."""
+    B, H, T, D = a.shape
+    if not a.flags.c_contiguous:
+        merged = a.transpose(0, 2, 1, 3)  # (B, T, H, D)
+        if merged.flags.c_contiguous:
+            return merged.reshape(-1), (T * H * D, D, H * D)
+        a = np.ascontiguousarray(a)
+    return a.reshape(-1), (H * T * D, T * D, D)
+
+
+def _merged(B, H, T, D, dt):
+    """A new (B, H, T, D) output as a view of (B, T, H, D) memory (mha merges its heads for free), with its `_heads`."""
+    mem = np.empty((B, T, H, D), dt)
+    return mem.transpose(0, 2, 1, 3), (mem.reshape(-1), (T * H * D, D, H * D))
+
+
+def _layout(placed, D):
+    """lay for the kernels: one row (sb, sh, st) per array in `placed` [(flat, strides), ...], then a row holding D."""
+    return np.array([strides for _, strides in placed] + [(D, 0, 0)], dtype=np.int64)
 
 
 def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
@@ -198,21 +222,21 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     keys = np.ones((B, T), bool) if km is None else np.ascontiguousarray(km.reshape(B, T))
     threshold = _dropout.drop_threshold(p_drop)
     seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's one draw: the same mask
-    q, k, v = (np.ascontiguousarray(a, dtype=dt) for a in (q, k, v))
-    out = np.empty((B, H, T, D), dt)
+    q, k, v = (a if a.dtype == dt else a.astype(dt) for a in (q, k, v))
+    out, out_placed = _merged(B, H, T, D, dt)
     rowmax, rowsum = np.empty((B, H, T), dt), np.empty((B, H, T), dt)
     drop_scale = dt.type(1.0 / (1.0 - p_drop))
     consts = np.array([scale, drop_scale, np.inf], dtype=dt)
     if B * H * T:
+        placed = [_heads(a) for a in (q, k, v)] + [out_placed]
         with limit_blas(1):
-            _forward(q.reshape(B * H, T, D), k.reshape(B * H, T, D), v.reshape(B * H, T, D), keys, np.uint64(seed),
-                     np.uint64(threshold), threshold > 0, consts, BR, out.reshape(B * H, T, D),
-                     rowmax.reshape(B * H, T), rowsum.reshape(B * H, T))
+            _forward(*(flat for flat, _ in placed), _layout(placed, D), keys, np.uint64(seed), np.uint64(threshold),
+                     threshold > 0, consts, BR, rowmax.reshape(B * H, T), rowsum.reshape(B * H, T))
     return out, AttentionKernelCache(q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, float(scale), BR)
 
 
 def attention_backward(dout, cache):
-    """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv)."""
+    """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv), views of (B, T, H, D) memory as out."""
     if isinstance(cache, AttentionCache):  # from the reference forward
         return _reference_backward(dout, cache)
     q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, scale, block_rows = cache
@@ -220,12 +244,13 @@ def attention_backward(dout, cache):
     checks.shape("dout", dout, q.shape, "(B, H, T, D) like q")
     B, H, T, D = q.shape
     dt = q.dtype
-    dout = np.ascontiguousarray(dout, dtype=dt)
-    dq, dk, dv = (np.empty((B, H, T, D), dt) for _ in range(3))
+    dout = dout if dout.dtype == dt else dout.astype(dt)
+    (dq, dq_placed), (dk, dk_placed), (dv, dv_placed) = (_merged(B, H, T, D, dt) for _ in range(3))
     consts = np.array([scale, drop_scale, np.inf], dtype=dt)
     if B * H * T:
-        r = lambda a: a.reshape(B * H, T, D)  # noqa: E731
+        placed = [_heads(a) for a in (dout, q, k, v)] + [dq_placed, dk_placed, dv_placed]
         with limit_blas(1):
-            _backward(r(dout), r(q), r(k), r(v), keys, rowmax.reshape(B * H, T), rowsum.reshape(B * H, T),
-                      np.uint64(seed), np.uint64(threshold), threshold > 0, consts, block_rows, r(dq), r(dk), r(dv))
+            _backward(*(flat for flat, _ in placed), _layout(placed, D), keys, rowmax.reshape(B * H, T),
+                      rowsum.reshape(B * H, T), np.uint64(seed), np.uint64(threshold), threshold > 0, consts,
+                      block_rows)
     return dq, dk, dv

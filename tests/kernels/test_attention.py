@@ -167,7 +167,7 @@ def _cache_bytes(c):
 def test_memory_grows_linearly_in_T(p_drop, monkeypatch):
     """The cache holds q, k, v (B, H, T, D), rowmax and rowsum (B, H, T) and the key mask (B, T): nothing (T, T).
     Everything forward + backward allocate (tracemalloc sees NumPy's and Numba's allocations) fits a budget linear in
-    T: the outputs, plus per busy thread two (BR, T) blocks, a (T, D) partial and a (T,) row of keep bits. At these
+    T: the outputs, plus per busy thread two (BR, T) blocks and a (T,) row of keep bits. At these
     sizes the budget is below a single head's (T, T) weights, so one such array anywhere fails the test."""
     monkeypatch.setattr(ker, "BR", DEFAULT_BR)
     B, H, D = 2, 2, 4
@@ -190,7 +190,7 @@ def test_memory_grows_linearly_in_T(p_drop, monkeypatch):
     peak(64)  # compiled before measuring
     for T in (2048, 4096):
         outputs = (4 * B * H * T * D + 2 * B * H * T) * 8 + 2 * B * T  # out, dq, dk, dv, rowmax, rowsum; key masks
-        scratch = workers * (2 * ker.BR * T * 8 + T * D * 8 + T)
+        scratch = workers * (2 * ker.BR * T * 8 + T)
         budget = outputs + scratch + 2**17  # + 128 KiB for the Python objects on the way
         assert budget < T * T * 8
         used = peak(T)
@@ -216,6 +216,18 @@ def test_backward_accepts_the_reference_cache(dtype):
     _, c_ref = ref.attention_forward(q, k, v)
     for got, want in zip(ker.attention_backward(dout, c_ref), ref.attention_backward(dout, c_ref)):
         assert_close(got, want)
+
+
+def test_heads_are_read_and_written_where_mha_keeps_them():
+    """mha_forward's q, k, v are (B, T, H, D) -> (B, H, T, D) views: the kernel reads them in place (its cache holds
+    those very arrays) and writes out, dq, dk, dv in that layout, so merging the heads back into (B, T, C) is a
+    reshape, not a copy. Contiguous (B, H, T, D) inputs are read in place too."""
+    for heads_view in (True, False):
+        q, k, v, dout = _inputs(9, (2, 3, 5, 4), np.float32, False, heads_view)
+        out, c = ker.attention_forward(q, k, v, None, 0.1, np.random.default_rng(0))
+        assert c.q is q and c.k is k and c.v is v
+        for a in (out, *ker.attention_backward(dout, c)):
+            assert a.shape == q.shape and a.transpose(0, 2, 1, 3).flags.c_contiguous
 
 
 def test_rejects_what_the_reference_rejects():
