@@ -5,7 +5,9 @@ backward; this kernel keeps, besides q, k and v, two numbers per query row: the 
 masked, scaled scores (B, H, T each). The backward recomputes every weight from them as exp(s - max) / sum, the very
 operations of the forward on the very scores (the same BLAS call on the same block), so it differentiates exactly the
 weights the forward used, down to the subnormal ones, which exp(s - lse) would round differently. It recomputes the
-dropout mask from its seed.
+dropout mask from its seed. Short sequences are the exception: up to T = KEEP_WEIGHTS_UP_TO (128) a head's (T, T)
+weights are no larger than its q, k and v, and the forward keeps them for the backward, which then skips one GEMM and
+an exp per weight.
 
 One prange iteration per (batch, head) walks the queries in blocks of BR rows against all T keys, in a (BR, T) scratch
 block of its own: scores = q_blk k^T (BLAS), scale, key padding mask, a stable softmax row by row (a fully masked row
@@ -50,6 +52,12 @@ from minielectra.parallel import limit_blas
 # the three are within 5 %. The kernels take it as an argument, so the tests can run small blocks on small inputs.
 BR = 256
 
+# Up to this T the forward keeps the weights and the backward reuses them, where beyond it the backward recomputes
+# them (one GEMM and an exp per weight). At T = 128 a head's (T, T) weights take no more memory than its q, k and v
+# (3 T D entries, D = 64), and the tiny preset's 2-core step was 1.0-1.6 ms faster (alternating in one process); at
+# T = 512 they would be 2.7 times q, k and v together, and memory would grow as T^2.
+KEEP_WEIGHTS_UP_TO = 128
+
 
 class AttentionKernelCache(NamedTuple):
     q: object  # (B, H, T, D), the forward's arrays (views, not copies) in the kernel's dtype
@@ -63,11 +71,14 @@ class AttentionKernelCache(NamedTuple):
     drop_scale: object  # 1 / (1 - p) in the input dtype
     scale: float  # 1 / sqrt(D)
     block_rows: int  # the forward's BR: the backward recomputes the scores in the same blocks, so with the same bits
+    weights: object = None  # (B, H, T, T) the weights before dropout, kept when T <= KEEP_WEIGHTS_UP_TO; else None
 
     @property
     def probs(self):
-        """(B, H, T, T) attention weights before dropout, recomputed on demand (for plots and tests): the reference
-        softmax of the recomputed scores."""
+        """(B, H, T, T) attention weights before dropout: the forward's, where it kept them; else recomputed on demand
+        (for plots and tests), the reference softmax of the recomputed scores."""
+        if self.weights is not None:
+            return self.weights
         s = (self.q @ self.k.swapaxes(-1, -2)) * self.q.dtype.type(self.scale)  # (B, H, T, T)
         return softmax_forward(s, self.keys[:, None, None, :])[0]
 
@@ -87,15 +98,17 @@ def _offset(lay, b, h, i):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, rowsum):
+def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, rowsum, weights):
     # q, k, v, out: flat arrays, entry (b, h, t, d) of each at b lay[i, 0] + h lay[i, 1] + t lay[i, 2] + d (`_heads`);
     # keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop; c: scale, dropout scale,
-    # +inf in the input dtype; br: query rows per block. Writes out, rowmax and rowsum (B*H, T).
+    # +inf in the input dtype; br: query rows per block. Writes out, rowmax and rowsum (B*H, T), and the weights
+    # (B*H, T, T) unless that array is empty (see KEEP_WEIGHTS_UP_TO).
     BH, T = rowmax.shape
     H = BH // keys.shape[0]
     D = lay[4, 0]
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
+    keep_weights = weights.shape[0] > 0
     for bh in prange(BH):
         b, h = bh // H, bh % H
         qo, ko = _offset(lay, b, h, 0), _offset(lay, b, h, 1)
@@ -122,33 +135,37 @@ def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, 
                             m = max(m, p[j])
                     m = m * scale
                 rowmax[bh, i] = m
+                w = weights[bh, i] if keep_weights else p  # (T,) where the weights go
                 if m == -inf:  # every key masked: no defined softmax, the reference's zeros
                     p[:] = zero
+                    w[:] = zero
                     rowsum[bh, i] = zero
                     continue
                 for j in range(T):
                     p[j] = exp(p[j] * scale - m) if kb[j] else zero
                 tot = row_sum(p, zero)
                 rowsum[bh, i] = tot
+                for j in range(T):
+                    w[j] = p[j] / tot
                 if use_drop:
                     keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):
-                        p[j] = p[j] / tot * drop_scale if kept[j] else zero
-                else:
-                    for j in range(T):
-                        p[j] = p[j] / tot
+                        p[j] = w[j] * drop_scale if kept[j] else zero
+                elif keep_weights:
+                    p[:] = w
             gemm(P, T, False, v[vo:], lay[2, 2], False, out[oo + r0 * lay[3, 2]:], lay[3, 2], n, D, T, False)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, threshold, use_drop, c, br):
+def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, threshold, use_drop, c, br, weights):
     # As _forward, with dout, q, k, v, dq, dk, dv flat and placed by lay's rows 0-6, and the forward's rowmax, rowsum;
-    # writes dq, dk, dv.
+    # the forward's weights, or an empty array to recompute them; writes dq, dk, dv.
     BH, T = rowmax.shape
     H = BH // keys.shape[0]
     D = lay[7, 0]
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
+    keep_weights = weights.shape[0] > 0
     for bh in prange(BH):
         b, h = bh // H, bh % H
         go, qo, ko, vo = _offset(lay, b, h, 0), _offset(lay, b, h, 1), _offset(lay, b, h, 2), _offset(lay, b, h, 3)
@@ -162,7 +179,10 @@ def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, thresh
             n = min(br, T - r0)
             P, G = Pbuf[:n], Gbuf[:n]
             qb, gb = q[qo + r0 * lay[1, 2]:], dout[go + r0 * lay[0, 2]:]  # the block's first rows of q and dout
-            gemm(qb, lay[1, 2], False, k[ko:], lay[2, 2], True, P, T, n, T, D, False)  # the forward's scores, again
+            if keep_weights:
+                P[:, :] = weights[bh, r0:r0 + n]  # a copy: the backward may run again on the same cache
+            else:
+                gemm(qb, lay[1, 2], False, k[ko:], lay[2, 2], True, P, T, n, T, D, False)  # the forward's scores, again
             gemm(gb, lay[0, 2], False, v[vo:], lay[3, 2], True, G, T, n, T, D, False)  # from out = dropped @ v
             for ii in range(n):
                 i = r0 + ii
@@ -172,8 +192,9 @@ def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, thresh
                     p[:] = zero
                     g[:] = zero
                     continue
-                for j in range(T):  # the forward's weights, by the forward's operations
-                    p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
+                if not keep_weights:
+                    for j in range(T):  # the forward's weights, by the forward's operations
+                        p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
                 if use_drop:
                     keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):  # from dropped = p * keep / (1 - p_drop)
@@ -227,19 +248,22 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     rowmax, rowsum = np.empty((B, H, T), dt), np.empty((B, H, T), dt)
     drop_scale = dt.type(1.0 / (1.0 - p_drop))
     consts = np.array([scale, drop_scale, np.inf], dtype=dt)
+    weights = np.empty((B, H, T, T) if T <= KEEP_WEIGHTS_UP_TO else (0, 0, 0, 0), dt)
     if B * H * T:
         placed = [_heads(a) for a in (q, k, v)] + [out_placed]
         with limit_blas(1):
             _forward(*(flat for flat, _ in placed), _layout(placed, D), keys, np.uint64(seed), np.uint64(threshold),
-                     threshold > 0, consts, BR, rowmax.reshape(B * H, T), rowsum.reshape(B * H, T))
-    return out, AttentionKernelCache(q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, float(scale), BR)
+                     threshold > 0, consts, BR, rowmax.reshape(B * H, T), rowsum.reshape(B * H, T),
+                     weights.reshape(-1, T, T) if weights.size else weights.reshape(0, 0, 0))
+    return out, AttentionKernelCache(q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, float(scale), BR,
+                                     weights if weights.size else None)
 
 
 def attention_backward(dout, cache):
     """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv), views of (B, T, H, D) memory as out."""
     if isinstance(cache, AttentionCache):  # from the reference forward
         return _reference_backward(dout, cache)
-    q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, scale, block_rows = cache
+    q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, scale, block_rows, weights = cache
     checks.float_array("dout", dout)
     checks.shape("dout", dout, q.shape, "(B, H, T, D) like q")
     B, H, T, D = q.shape
@@ -252,5 +276,5 @@ def attention_backward(dout, cache):
         with limit_blas(1):
             _backward(*(flat for flat, _ in placed), _layout(placed, D), keys, rowmax.reshape(B * H, T),
                       rowsum.reshape(B * H, T), np.uint64(seed), np.uint64(threshold), threshold > 0, consts,
-                      block_rows)
+                      block_rows, np.empty((0, 0, 0), dt) if weights is None else weights.reshape(-1, T, T))
     return dq, dk, dv

@@ -4,12 +4,14 @@ Large inputs: q of magnitude 1000 with integer values and k in {-1, 0, 1} make s
 summation order computes exactly, so the test exercises the stable softmax (one-hot and tied rows at huge logits)
 rather than measuring how BLAS rounds a 1e6-sized dot product, which no tolerance in ulps of the output could absorb.
 
-The kernel keeps no (T, T) array: its cache is q, k, v, each score row's max and exp-sum and the dropout seed, and
-its working memory is a few (BR, T) blocks per thread. It walks the queries in blocks of ker.BR rows (256); these tests
+Beyond T = ker.KEEP_WEIGHTS_UP_TO the kernel keeps no (T, T) array: its cache is q, k, v, each score row's max and
+exp-sum and the dropout seed, and its working memory is a few (BR, T) blocks per thread; up to it the cache also holds
+the weights, which the backward reuses. The tests that draw inputs run both ways, whatever the drawn T. It walks the queries in blocks of ker.BR rows (256); these tests
 set BR to 16, so the drawn T (up to 70) spans up to five blocks, the last one partial. One test runs the default BR
 on a T that crosses its boundary, and the memory test measures the default.
 """
 
+import contextlib
 import tracemalloc
 
 import numpy as np
@@ -87,11 +89,24 @@ def _term_magnitudes(q, k, v, dout, c_ref):
             "dq": m_ds @ K, "dk": m_ds.swapaxes(-1, -2) @ Q}
 
 
-def _check(seed, dims, dtype, big, heads_view, mask_kind, p_drop):
+@contextlib.contextmanager
+def _weights_kept(keep):
+    """The kernel keeps the forward's weights for its backward (True) or recomputes them (False), whatever T is."""
+    before = ker.KEEP_WEIGHTS_UP_TO
+    ker.KEEP_WEIGHTS_UP_TO = 2**62 if keep else 0
+    try:
+        yield
+    finally:
+        ker.KEEP_WEIGHTS_UP_TO = before
+
+
+def _check(seed, dims, dtype, big, heads_view, mask_kind, p_drop, keep=False):
     q, k, v, dout = _inputs(seed, dims, dtype, big, heads_view)
     mask = _mask(seed, dims[0], dims[2], mask_kind)
     out_ref, c_ref = ref.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(seed))
-    out, c = ker.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(seed))
+    with _weights_kept(keep):
+        out, c = ker.attention_forward(q, k, v, mask, p_drop, np.random.default_rng(seed))
+    assert (c.weights is not None) == keep
     floor = _term_magnitudes(q, k, v, dout, c_ref)
     assert_close(c.probs, c_ref.probs, name="probs", floor=floor["probs"])
     assert_close(out, out_ref, name="out", floor=floor["out"])
@@ -102,23 +117,41 @@ def _check(seed, dims, dtype, big, heads_view, mask_kind, p_drop):
 
 @KERNEL_SETTINGS
 @given(seed=SEEDS, dims=DIMS, dtype=DTYPES, big=st.booleans(), heads_view=st.booleans(),
-       mask_kind=st.sampled_from(["none", "lengths", "empty"]))
-def test_forward_and_backward_match_reference(seed, dims, dtype, big, heads_view, mask_kind):
-    _check(seed, dims, dtype, big, heads_view, mask_kind, 0.0)
+       mask_kind=st.sampled_from(["none", "lengths", "empty"]), keep=st.booleans())
+def test_forward_and_backward_match_reference(seed, dims, dtype, big, heads_view, mask_kind, keep):
+    _check(seed, dims, dtype, big, heads_view, mask_kind, 0.0, keep)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_default_block_size_across_a_block_boundary(dtype, monkeypatch):
+@pytest.mark.parametrize("keep", [False, True])
+def test_default_block_size_across_a_block_boundary(dtype, keep, monkeypatch):
     monkeypatch.setattr(ker, "BR", DEFAULT_BR)
-    c, _ = _check(8, (2, 1, DEFAULT_BR + 44, 8), dtype, False, True, "lengths", 0.1)
+    c, _ = _check(8, (2, 1, DEFAULT_BR + 44, 8), dtype, False, True, "lengths", 0.1, keep)
     assert c.block_rows == DEFAULT_BR
 
 
+def test_keeps_the_weights_up_to_its_limit_and_the_backward_leaves_them_as_they_were():
+    """At T <= KEEP_WEIGHTS_UP_TO the cache holds the forward's weights, which the backward reads (twice here, with
+    the same result: it works on a copy); beyond it, nothing (T, T)."""
+    T = ker.KEEP_WEIGHTS_UP_TO
+    for t, kept in ((T, True), (T + 1, False)):
+        q, k, v, dout = _inputs(2, (1, 2, t, 4), np.float32, False, True)
+        _, c = ker.attention_forward(q, k, v, None, 0.1, np.random.default_rng(0))
+        assert (c.weights is not None) == kept
+        before = None if c.weights is None else c.weights.copy()
+        first, second = ker.attention_backward(dout, c), ker.attention_backward(dout, c)
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(a, b)
+        if kept:
+            np.testing.assert_array_equal(c.weights, before)
+
+
 @KERNEL_SETTINGS
-@given(seed=SEEDS, dims=DIMS, dtype=DTYPES, big=st.booleans(), p_drop=st.sampled_from([0.1, 0.5, 0.9]))
-def test_dropout_matches_reference_with_the_same_seed(seed, dims, dtype, big, p_drop):
+@given(seed=SEEDS, dims=DIMS, dtype=DTYPES, big=st.booleans(), p_drop=st.sampled_from([0.1, 0.5, 0.9]),
+       keep=st.booleans())
+def test_dropout_matches_reference_with_the_same_seed(seed, dims, dtype, big, p_drop, keep):
     """Same seed -> the very same keep mask as the reference, the same outputs and gradients, the same rng state."""
-    c, c_ref = _check(seed, dims, dtype, big, True, "lengths", p_drop)
+    c, c_ref = _check(seed, dims, dtype, big, True, "lengths", p_drop, keep)
     assert (c.seed, c.threshold) == (c_ref.seed, c_ref.threshold)
     np.testing.assert_array_equal(c.keep, c_ref.dropout.scale != 0)
     rng_ref, rng = np.random.default_rng(seed), np.random.default_rng(seed)
@@ -184,11 +217,12 @@ def test_memory_grows_linearly_in_T(p_drop, monkeypatch):
             used = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert _cache_bytes(c) == (3 * B * H * T * D + 2 * B * H * T) * 8 + B * T
+        weights = B * H * T * T * 8 if T <= ker.KEEP_WEIGHTS_UP_TO else 0
+        assert _cache_bytes(c) == (3 * B * H * T * D + 2 * B * H * T) * 8 + B * T + weights
         return used
 
     peak(64)  # compiled before measuring
-    for T in (2048, 4096):
+    for T in (2048, 4096):  # beyond KEEP_WEIGHTS_UP_TO: the backward recomputes the weights
         outputs = (4 * B * H * T * D + 2 * B * H * T) * 8 + 2 * B * T  # out, dq, dk, dv, rowmax, rowsum; key masks
         scratch = workers * (2 * ker.BR * T * 8 + T)
         budget = outputs + scratch + 2**17  # + 128 KiB for the Python objects on the way
