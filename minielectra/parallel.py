@@ -18,6 +18,7 @@ numbers depend on the number of shards, never on how many threads run them, so a
 the trainer records its shard count in the run's config.
 """
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,17 +60,31 @@ def blas_threads():
 
 _controller = []  # the one ThreadpoolController, made on first use
 _pools = {}  # threads -> the ThreadPoolExecutor that runs shards, kept for the life of the process
+_blas_limit = [None]  # the thread count the innermost limit_blas in force set; None outside every one
 
 
+@contextlib.contextmanager
 def limit_blas(threads):
     """A context in which BLAS runs on `threads` threads. The libraries are looked up once: threadpoolctl's
     threadpool_limits looks them up on every call (0.6 ms, twice a training step; a kept controller's limit takes 8 us,
-    measured). SciPy's BLAS, which numba's np.dot calls, is loaded first so that it is found with NumPy's."""
+    measured). SciPy's BLAS, which the Numba kernels call, is loaded first so that it is found with NumPy's. Inside a
+    limit to the same count it does nothing: the attention kernel asks for 1 thread on every call, and inside the
+    sharded step (_run) BLAS already has 1 per shard on a 2-core machine. (The limit is one setting of the whole
+    process, whichever thread sets it, as it always was.)"""
+    if _blas_limit[0] == threads:
+        yield
+        return
     if not _controller:
         import scipy.linalg.cython_blas  # noqa: F401
 
         _controller.append(ThreadpoolController())
-    return _controller[0].limit(limits=threads, user_api="blas")
+    before = _blas_limit[0]
+    with _controller[0].limit(limits=threads, user_api="blas"):
+        _blas_limit[0] = threads
+        try:
+            yield
+        finally:
+            _blas_limit[0] = before
 
 
 def split(batch, shards):

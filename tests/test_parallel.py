@@ -170,3 +170,21 @@ def test_sharded_classifier_loss_is_the_batch_mean_without_dropout(module):
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-13)
     for k in grads:
         np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-11, atol=1e-14, err_msg=k)
+
+
+def test_limit_blas_sets_and_restores_the_limit_and_a_nested_equal_limit_costs_nothing(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    with parallel.limit_blas(1):
+        assert blas_threads() and all(n == 1 for n in blas_threads().values())
+        calls = []
+        monkeypatch.setattr(parallel._controller[0], "limit", lambda **kw: calls.append(kw))
+        with parallel.limit_blas(1):  # what the attention kernel asks inside a sharded step
+            assert all(n == 1 for n in blas_threads().values())
+        assert calls == []  # the controller was not asked again
+        monkeypatch.undo()
+    assert blas_threads() == before
