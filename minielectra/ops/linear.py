@@ -5,6 +5,7 @@ W is stored (in, out) so the forward is a plain `x @ W` (Hugging Face / PyTorch 
 
 from typing import NamedTuple
 
+from minielectra.backend import get_xp
 from minielectra.ops import checks
 
 
@@ -47,5 +48,8 @@ def linear_forward(x, W, b):
 def linear_backward(dout, cache):
     """Inverts `out = x @ W + b`: the matmul's (dx, dW), and db = dout summed over every leading position."""
     dx, dW = matmul_backward(dout, cache)
-    db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (OC,)
+    d2 = dout.reshape(-1, dout.shape[-1])  # (rows, OC)
+    # The sum of dout's rows as ones @ dout: a matrix-vector product, which BLAS runs at full SIMD width, where NumPy's
+    # sum over axis 0 adds one row at a time ((2048, 128) float32 on one core: 11 us against 37, measured).
+    db = get_xp(d2).ones(d2.shape[0], d2.dtype) @ d2  # (OC,)
     return dx, dW, db
