@@ -221,6 +221,8 @@ _OP_MODULES = {
     "layernorm_backward": "minielectra.ops.layernorm",
     "dropout_add_layernorm_forward": "minielectra.ops.layernorm",
     "dropout_add_layernorm_backward": "minielectra.ops.layernorm",
+    "layernorm_dropout_forward": "minielectra.ops.layernorm",
+    "layernorm_dropout_backward": "minielectra.ops.layernorm",
     "bias_gelu_forward": "minielectra.ops.activations",
     "bias_gelu_backward": "minielectra.ops.activations",
     "gumbel_sample": "minielectra.ops.softmax",

@@ -1,12 +1,14 @@
 """CUDA kernels for `minielectra.ops.layernorm` (layernorm_forward, layernorm_backward,
-dropout_add_layernorm_forward, dropout_add_layernorm_backward): launcher of layernorm.cu.
+dropout_add_layernorm_forward, dropout_add_layernorm_backward, layernorm_dropout_forward, layernorm_dropout_backward):
+launcher of layernorm.cu.
 
 One warp per row with warp-shuffle sums for the forward and dx; dgamma and dbeta as fixed per-block partial sums
 that are then summed (deterministic). The cache is the reference's LayerNormCache (xhat, rstd, gamma), so either
 backward accepts either forward's cache. float32 and float64.
 
 The sublayer end LN(residual + dropout(x)) runs the reference's hashed dropout and sum as CuPy elementwise code on the
-device, then the layer norm kernel: fused on the CPU (where a pass over memory is what costs), composed here.
+device, then the layer norm kernel: fused on the CPU (where a pass over memory is what costs), composed here. So is
+the embeddings' end dropout(LN(x)).
 """
 
 import numpy as np
@@ -14,7 +16,8 @@ import numpy as np
 from kernels.cupy_gpu import _common
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
-from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, dropout_add_setup
+from minielectra.ops.layernorm import (LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, NormDropoutCache,
+                                      dropout_add_setup)
 
 WARPS_PER_BLOCK = 4  # rows per block of the row kernels
 PARTIAL_THREADS = 256
@@ -102,3 +105,23 @@ def dropout_add_layernorm_backward(dout, cache):
     """Inverts `y = LN(s)`, `s = residual + x * keep * drop_scale` -> dx, dresidual, dgamma, dbeta."""
     ds, dgamma, dbeta = layernorm_backward(dout, cache.ln)
     return _dropout.hashed_dropout(ds, cache.seed, cache.threshold, cache.drop_scale), ds, dgamma, dbeta
+
+
+def layernorm_dropout_forward(x, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
+    """x (..., C), gamma, beta (C,) -> dropout(LN(x)) (..., C)."""
+    _common.require_device_arrays("layernorm_dropout_forward", "minielectra.ops.layernorm.layernorm_dropout_forward",
+                                  x=x)
+    checks.probability("p", p)
+    threshold = _dropout.drop_threshold(p) if train else 0
+    seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's draw: its mask
+    drop_scale = 1.0 / (1.0 - p)
+    y, ln = layernorm_forward(x, gamma, beta, eps)
+    out = _dropout.hashed_dropout(y, seed, threshold, drop_scale) if threshold else y
+    return out, NormDropoutCache(ln, seed, threshold, drop_scale)
+
+
+def layernorm_dropout_backward(dout, cache):
+    """Inverts `out = LN(x) * keep * drop_scale` -> dx, dgamma, dbeta."""
+    if cache.threshold:
+        dout = _dropout.hashed_dropout(dout, cache.seed, cache.threshold, cache.drop_scale)
+    return layernorm_backward(dout, cache.ln)

@@ -1,5 +1,5 @@
 """Numba CPU kernels for `minielectra.ops.layernorm` (layernorm_forward, layernorm_backward,
-dropout_add_layernorm_forward, dropout_add_layernorm_backward).
+dropout_add_layernorm_forward, dropout_add_layernorm_backward, layernorm_dropout_forward, layernorm_dropout_backward).
 
 Same names, signatures, caches (the reference's `LayerNormCache(xhat, rstd, gamma)` and `DropoutAddNormCache`) and
 results as the reference, so a forward from either implementation can be inverted by the backward of the other. Rows
@@ -11,7 +11,8 @@ The fused sublayer end LN(residual + dropout(x)) writes the sum straight into th
 then overwrites in place), deciding each dropout entry by the reference's hash (`_common.keep`); its backward writes
 dresidual as the layer norm's dx and, in the same row loop, dx through the recomputed mask. The reference makes
 separate passes for the mask, the scale, the product, the sum and the layer norm, and again for the mask in the
-backward.
+backward. The embeddings' end dropout(LN(x)) is the same in the other order: each row is normalised, then dropped
+where it is written; its backward rebuilds the row's dy through the mask in a scratch row, then runs the layer norm's.
 """
 
 import numpy as np
@@ -19,7 +20,9 @@ from numba import njit, prange
 
 from kernels.numba_cpu._common import ONE_U64, REDUCE, as_2d, float_dtype, keep, n_chunks, row_sum
 from minielectra.ops import checks
-from minielectra.ops.layernorm import LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, dropout_add_setup
+from minielectra.ops.dropout import draw_seed, drop_threshold
+from minielectra.ops.layernorm import (LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, NormDropoutCache,
+                                      dropout_add_setup)
 
 
 @njit(cache=True, fastmath=REDUCE)
@@ -63,6 +66,20 @@ def _dropout_add_forward(x, residual, gamma, beta, eps, one, fC, seed, threshold
             counter += ONE_U64  # the hash counts from flat index + 1
             s[j] = residual[i, j] + (x[i, j] * drop_scale if keep(seed, counter, threshold) else zero)
         rstd[i] = _normalise_row(s, gamma, beta, eps, one, fC, y[i], xhat[i])
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _forward_dropout(x, gamma, beta, eps, one, fC, seed, threshold, drop_scale, y, xhat, rstd):
+    # threshold 0: no dropout, y = LN(x)
+    N, C = x.shape
+    zero = one - one
+    for i in prange(N):
+        rstd[i] = _normalise_row(x[i], gamma, beta, eps, one, fC, y[i], xhat[i])
+        if threshold:
+            counter = np.uint64(i * C)
+            for j in range(C):
+                counter += ONE_U64  # the hash counts from flat index + 1
+                y[i, j] = y[i, j] * drop_scale if keep(seed, counter, threshold) else zero
 
 
 @njit(cache=True, fastmath=REDUCE)
@@ -111,6 +128,21 @@ def _dropout_add_backward(dout, xhat, rstd, gamma, fC, seed, threshold, drop_sca
             for j in range(C):
                 counter += ONE_U64
                 dx[i, j] = ds[j] * drop_scale if keep(seed, counter, threshold) else zero
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _backward_dropout(dout, xhat, rstd, gamma, fC, seed, threshold, drop_scale, dx, pgamma, pbeta):
+    N, C = dout.shape
+    chunks = pgamma.shape[0]
+    zero = fC - fC
+    for c in prange(chunks):
+        dy = np.empty(C, dout.dtype)  # the row's gradient at LN's output, through the dropout mask
+        for i in range(c * N // chunks, (c + 1) * N // chunks):
+            counter = np.uint64(i * C)
+            for j in range(C):
+                counter += ONE_U64
+                dy[j] = dout[i, j] * drop_scale if keep(seed, counter, threshold) else zero
+            _backward_row(dy, xhat[i], rstd[i], gamma, fC, dx[i], pgamma[c], pbeta[c])
 
 
 def _check_params(gamma, beta, C):
@@ -181,3 +213,35 @@ def dropout_add_layernorm_backward(dout, cache):
     _dropout_add_backward(*args, np.uint64(cache.seed), np.uint64(cache.threshold),
                           dt.type(cache.drop_scale if cache.threshold else 1.0), dx, dresidual, pgamma, pbeta)
     return dx.reshape(dout.shape), dresidual.reshape(dout.shape), pgamma.sum(axis=0), pbeta.sum(axis=0)
+
+
+def layernorm_dropout_forward(x, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
+    """x (..., C), gamma, beta (C,) -> dropout(LN(x)) (..., C)."""
+    checks.float_array("x", x)
+    checks.probability("p", p)
+    threshold = drop_threshold(p) if train else 0
+    seed = draw_seed(rng) if threshold else 0  # the reference's draw: its mask
+    drop_scale = 1.0 / (1.0 - p)
+    C = x.shape[-1]
+    _check_params(gamma, beta, C)
+    dt = float_dtype(x, gamma, beta)
+    x2 = as_2d(x, dt)  # (N, C)
+    N = x2.shape[0]
+    y, xhat, rstd = np.empty((N, C), dt), np.empty((N, C), dt), np.empty(N, dt)
+    _forward_dropout(x2, np.ascontiguousarray(gamma, dtype=dt), np.ascontiguousarray(beta, dtype=dt), dt.type(eps),
+                     dt.type(1), dt.type(C), np.uint64(seed), np.uint64(threshold), dt.type(drop_scale), y, xhat, rstd)
+    shape = x.shape
+    ln = LayerNormCache(xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,)), gamma)
+    return y.reshape(shape), NormDropoutCache(ln, seed, threshold, drop_scale)
+
+
+def layernorm_dropout_backward(dout, cache):
+    """Inverts `out = LN(x) * keep * drop_scale` -> dx, dgamma, dbeta."""
+    if not cache.threshold:
+        return layernorm_backward(dout, cache.ln)
+    dt, N, C, args = _backward_args(dout, cache.ln)
+    dx = np.empty((N, C), dt)
+    pgamma, pbeta = np.zeros((n_chunks(N), C), dt), np.zeros((n_chunks(N), C), dt)
+    _backward_dropout(*args, np.uint64(cache.seed), np.uint64(cache.threshold), dt.type(cache.drop_scale), dx, pgamma,
+                      pbeta)
+    return dx.reshape(dout.shape), pgamma.sum(axis=0), pbeta.sum(axis=0)

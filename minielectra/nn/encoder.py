@@ -11,7 +11,6 @@ from typing import NamedTuple
 from minielectra.backend import dispatch
 from minielectra.ops import checks
 from minielectra.ops.attention import mha_backward, mha_forward
-from minielectra.ops.dropout import dropout_backward, dropout_forward
 from minielectra.ops.embedding import embedding_forward
 from minielectra.ops.linear import linear_backward, linear_forward, matmul_backward, matmul_forward
 
@@ -109,8 +108,7 @@ def dense_backward(dout, cache, grads, prefix):
 class EmbeddingsCache(NamedTuple):
     words: object  # EmbeddingCache of the word lookup
     types: object  # EmbeddingCache of the token-type lookup
-    ln: object
-    drop: object
+    ln: object  # NormDropoutCache of the LayerNorm and the dropout after it
 
 
 def embeddings_forward(params, prefix, input_ids, token_type_ids, d, train=False, rng=None):
@@ -124,15 +122,17 @@ def embeddings_forward(params, prefix, input_ids, token_type_ids, d, train=False
     words, words_cache = embedding_forward(input_ids, params[f"{prefix}.word_embeddings.weight"])  # (B, T, E)
     types, types_cache = embedding_forward(token_type_ids, params[f"{prefix}.token_type_embeddings.weight"])
     x = words + params[f"{prefix}.position_embeddings.weight"][:T] + types  # positions broadcast over B
-    x, ln = norm_forward(params, f"{prefix}.LayerNorm", x, d.layer_norm_eps)
-    x, drop = dropout_forward(x, d.hidden_dropout, rng, train)
-    return x, EmbeddingsCache(words_cache, types_cache, ln, drop)
+    x, ln = dispatch("layernorm_dropout_forward", x)(
+        x, params[f"{prefix}.LayerNorm.weight"], params[f"{prefix}.LayerNorm.bias"], d.hidden_dropout, rng, train,
+        d.layer_norm_eps)
+    return x, EmbeddingsCache(words_cache, types_cache, ln)
 
 
 def embeddings_backward(dout, cache, grads, prefix):
     """Inverts embeddings_forward; the three lookups' gradients are scatter-added into their tables."""
-    dx = dropout_backward(dout, cache.drop)
-    dx = norm_backward(dx, cache.ln, grads, f"{prefix}.LayerNorm")  # (B, T, E)
+    dx, dgamma, dbeta = dispatch("layernorm_dropout_backward", dout)(dout, cache.ln)  # (B, T, E)
+    grads[f"{prefix}.LayerNorm.weight"] += dgamma
+    grads[f"{prefix}.LayerNorm.bias"] += dbeta
     embedding_backward = dispatch("embedding_backward", dx)
     grads[f"{prefix}.word_embeddings.weight"] += embedding_backward(dx, cache.words)
     grads[f"{prefix}.token_type_embeddings.weight"] += embedding_backward(dx, cache.types)

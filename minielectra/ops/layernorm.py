@@ -2,7 +2,8 @@
 
 ELECTRA (like BERT) uses eps = 1e-12: tiny enough that it only matters for a constant row.
 
-`dropout_add_layernorm_forward` is the end of every post-LN sublayer, LN(residual + dropout(x)), as one op.
+`dropout_add_layernorm_forward` is the end of every post-LN sublayer, LN(residual + dropout(x)), as one op, and
+`layernorm_dropout_forward` the end of the embeddings, dropout(LN(x)).
 """
 
 from typing import NamedTuple
@@ -88,3 +89,34 @@ def dropout_add_layernorm_backward(dout, cache):
     the same mask and scale. -> dx, dresidual, dgamma, dbeta."""
     ds, dgamma, dbeta = layernorm_backward(dout, cache.ln)
     return hashed_dropout(ds, cache.seed, cache.threshold, cache.drop_scale), ds, dgamma, dbeta
+
+
+class NormDropoutCache(NamedTuple):
+    ln: LayerNormCache  # of x
+    seed: int  # the dropout mask's hash seed (dropout.hashed_keep_mask)
+    threshold: int  # dropout.drop_threshold(p); 0: no dropout (p == 0 or not training)
+    drop_scale: float  # 1 / (1 - p)
+
+
+def layernorm_dropout_forward(x, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
+    """x (..., C), gamma, beta (C,) -> dropout(LN(x)) (..., C): how the embeddings end (BERT's
+    `dropout(LayerNorm(words + positions + types))`), as one op so a kernel can do it in one pass over each row.
+
+    Dropout uses the hashed mask of dropout_add_layernorm_forward (one seed drawn from rng when it drops anything), so
+    the backward recomputes it and the cache holds no mask.
+    """
+    checks.float_array("x", x)
+    checks.probability("p", p)
+    threshold = drop_threshold(p) if train else 0
+    seed = draw_seed(rng) if threshold else 0
+    drop_scale = 1.0 / (1.0 - p)
+    y, ln = layernorm_forward(x, gamma, beta, eps)
+    out = hashed_dropout(y, seed, threshold, drop_scale) if threshold else y
+    return out, NormDropoutCache(ln, seed, threshold, drop_scale)
+
+
+def layernorm_dropout_backward(dout, cache):
+    """Inverts `out = LN(x) * keep * drop_scale`: dout goes back through the same mask and scale, then the layer norm.
+    -> dx, dgamma, dbeta."""
+    dy = hashed_dropout(dout, cache.seed, cache.threshold, cache.drop_scale) if cache.threshold else dout
+    return layernorm_backward(dy, cache.ln)

@@ -30,6 +30,7 @@ KERNEL_OPS = {
     "attention_forward": "attention", "attention_backward": "attention",
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
     "dropout_add_layernorm_forward": "layernorm", "dropout_add_layernorm_backward": "layernorm",
+    "layernorm_dropout_forward": "layernorm", "layernorm_dropout_backward": "layernorm",
     "bias_gelu_forward": "activations", "bias_gelu_backward": "activations",
     "gumbel_sample": "softmax",
     "softmax_cross_entropy": "losses", "sigmoid_cross_entropy": "losses",

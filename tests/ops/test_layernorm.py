@@ -1,5 +1,5 @@
-"""Layer norm over the last axis: normalised statistics, closed form, grads, +-1000, constant rows, eps; and the fused
-sublayer end LN(residual + dropout(x))."""
+"""Layer norm over the last axis: normalised statistics, closed form, grads, +-1000, constant rows, eps; the fused
+sublayer end LN(residual + dropout(x)); and the embeddings' end dropout(LN(x))."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from minielectra.gradcheck import check_op, format_table
 from minielectra.ops.dropout import draw_seed, drop_threshold, hashed_keep_mask
 from minielectra.ops.layernorm import (LAYER_NORM_EPS, dropout_add_layernorm_backward, dropout_add_layernorm_forward,
-                                       layernorm_backward, layernorm_forward)
+                                       layernorm_backward, layernorm_dropout_backward, layernorm_dropout_forward,
+                                       layernorm_forward)
 
 
 def assert_rows_ok(rows):
@@ -258,3 +259,82 @@ def test_dropout_add_layernorm_float32_in_float32_out():
 def test_dropout_add_layernorm_bad_input_names_the_argument(args, exc, name):
     with pytest.raises(exc, match=rf"^{name}\b"):
         dropout_add_layernorm_forward(*args, np.random.default_rng(0))
+
+
+# ---- layernorm_dropout: dropout(LN(x)), the end of the embeddings -------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, lead=LEAD, C=st.integers(2, 9), p=st.sampled_from([0.0, 0.1, 0.5]), train=st.booleans(),
+       offset=st.sampled_from([0.0, 1000.0, -1000.0]))
+def test_layernorm_dropout_is_the_layer_norm_then_the_hashed_mask(seed, lead, C, p, train, offset):
+    x, gamma, beta = _inputs(seed, lead, C, 1.0)
+    x = x + offset
+    y, cache = layernorm_dropout_forward(x, gamma, beta, p, np.random.default_rng(seed), train)
+    threshold = drop_threshold(p) if train else 0
+    assert cache.threshold == threshold
+    if threshold:
+        assert cache.seed == draw_seed(np.random.default_rng(seed))  # the op's only draw
+        keep = hashed_keep_mask(np, cache.seed, x.shape, threshold)
+    else:
+        keep = np.ones(x.shape, bool)
+    scale = 1 / (1 - p) if threshold else 1.0
+    ln_y, ln = layernorm_forward(x, gamma, beta)
+    np.testing.assert_array_equal(y, ln_y * keep * scale)
+    dout = np.random.default_rng(seed + 2).standard_normal(x.shape)
+    for got, want in zip(layernorm_dropout_backward(dout, cache), layernorm_backward(dout * keep * scale, ln)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_layernorm_dropout_drops_p_of_the_entries_and_passes_no_gradient_through_them():
+    x = np.random.default_rng(0).standard_normal((400, 50))
+    y, cache = layernorm_dropout_forward(x, np.ones(50), np.zeros(50), 0.3, np.random.default_rng(0))
+    kept = y != 0
+    assert abs(kept.mean() - 0.7) < 0.01  # 20,000 entries: 4 standard deviations is 0.013
+    np.testing.assert_allclose(y[kept], layernorm_forward(x, np.ones(50), np.zeros(50))[0][kept] / 0.7, rtol=1e-15)
+    # dout only where an entry was dropped: nothing reaches the layer norm
+    dx, dgamma, dbeta = layernorm_dropout_backward(np.where(kept, 0.0, 1.0), cache)
+    assert not dx.any() and not dgamma.any() and not dbeta.any()
+
+
+def test_layernorm_dropout_without_dropout_draws_nothing():
+    x, gamma, beta = _inputs(0, (2, 3), 6, 1.0)
+    for p, train in ((0.0, True), (0.1, False)):
+        rng = np.random.default_rng(4)
+        y, _ = layernorm_dropout_forward(x, gamma, beta, p, rng, train)
+        assert rng.bit_generator.state == np.random.default_rng(4).bit_generator.state
+        np.testing.assert_array_equal(y, layernorm_forward(x, gamma, beta)[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, lead=LEAD, C=st.integers(3, 8), scale=st.sampled_from([0.1, 1.0, 30.0]),
+       offset=st.sampled_from([0.0, 1000.0, -1000.0]), p=st.sampled_from([0.0, 0.1, 0.5]))
+def test_layernorm_dropout_grads(seed, lead, C, scale, offset, p):
+    # As test_grads_of_x_gamma_beta: +-1000 enters as the rows' mean. The same rng seed each call replays the same
+    # mask, so the finite differences see the function the backward differentiates.
+    x, gamma, beta = _inputs(seed, lead, C, scale)
+    x += offset
+
+    def forward(x, gamma, beta):
+        return layernorm_dropout_forward(x, gamma, beta, p, np.random.default_rng(seed))
+
+    assert_rows_ok(check_op(forward, layernorm_dropout_backward, {"x": x, "gamma": gamma, "beta": beta},
+                            ["x", "gamma", "beta"]))
+
+
+def test_layernorm_dropout_float32_in_float32_out():
+    x, gamma, beta = (a.astype(np.float32) for a in _inputs(3, (2, 3), 5, 1.0))
+    y, cache = layernorm_dropout_forward(x, gamma, beta, 0.1, np.random.default_rng(0))
+    assert y.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in layernorm_dropout_backward(np.ones_like(y), cache))
+
+
+@pytest.mark.parametrize("args, exc, name", [
+    ((X.astype(np.int64), ONES, ZEROS, 0.1), TypeError, "x"),
+    ((X, np.array([1.0, np.nan, 1.0]), ZEROS, 0.1), ValueError, "gamma"),
+    ((X, ONES, ZEROS[:2], 0.1), ValueError, "beta"),
+    ((X, ONES, ZEROS, 1.0), ValueError, "p"),
+])
+def test_layernorm_dropout_bad_input_names_the_argument(args, exc, name):
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        layernorm_dropout_forward(*args, np.random.default_rng(0))
