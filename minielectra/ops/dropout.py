@@ -3,11 +3,10 @@
 Scaling at training time keeps the expected activation unchanged, so evaluation is the identity with no rescale.
 The mask comes from an explicit numpy Generator, so a run (and a gradient check) can be replayed exactly.
 
-Two ways to draw the mask. `dropout_forward` (the embeddings' output, the fine-tuning head) draws one seed from the
-Generator, then one uniform per entry from a Generator of x's array module seeded with it, and keeps the mask it
-returns.
-Attention's weights and the encoder layers' sublayer outputs (`layernorm.dropout_add_layernorm_forward`) use a
-counter-based mask instead: one 64-bit seed drawn from the Generator, and keep(index) a hash of (seed, flat index),
+Two ways to draw the mask. `dropout_forward` (the fine-tuning heads) draws one seed from the Generator, then one
+uniform per entry from a Generator of x's array module seeded with it, and keeps the mask it returns.
+Attention's weights, the encoder layers' sublayer outputs (`layernorm.dropout_add_layernorm_forward`) and the
+embeddings' output (`layernorm.layernorm_dropout_forward`) use a counter-based mask instead: one 64-bit seed drawn from the Generator, and keep(index) a hash of (seed, flat index),
 `hashed_keep_mask`. Any entry of it can be recomputed from the seed alone, in any order, so a fused kernel decides
 dropout inside its loops and again in its backward without storing a mask; that is what lets the Numba and CUDA
 attention kernels keep memory linear in T. The reference uses the same definition, so all three backends drop the same
