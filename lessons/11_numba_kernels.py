@@ -153,8 +153,8 @@ print(f"layernorm and bias+GELU kernels agree with the reference (float32, rtol 
 #   (B, H, T). The backward redoes the same product on the same block and rebuilds each weight as `exp(s - max) / sum`,
 #   the forward's very numbers, so memory grows linearly in T where the reference keeps `probs` and a dropout scale of
 #   (B, H, T, T) each. `cache.probs` recomputes the weights when you want to plot them. Up to T = 128
-#   (`KEEP_WEIGHTS_UP_TO`) a head's weights take no more memory than its q, k and v, and the forward keeps them: the
-#   backward then skips that product and the exps.
+#   (`KEEP_WEIGHTS_UP_TO`) a head's weights take no more memory than its q, k and v, and the forward keeps them and
+#   the dropout's keep bits: the backward then skips that product, the exps and the hash.
 # - **dropout is the reference's hashed mask**: one 64-bit seed drawn from the Generator, and keep(b, h, i, j) a hash
 #   of the seed and the entry's flat index (`minielectra.ops.dropout.hashed_keep_mask`), computed inside the loops in
 #   the forward and again in the backward. The reference and the CUDA kernel use the same hash, so the same Generator

@@ -6,8 +6,8 @@ masked, scaled scores (B, H, T each). The backward recomputes every weight from 
 operations of the forward on the very scores (the same BLAS call on the same block), so it differentiates exactly the
 weights the forward used, down to the subnormal ones, which exp(s - lse) would round differently. It recomputes the
 dropout mask from its seed. Short sequences are the exception: up to T = KEEP_WEIGHTS_UP_TO (128) a head's (T, T)
-weights are no larger than its q, k and v, and the forward keeps them for the backward, which then skips one GEMM and
-an exp per weight.
+weights are no larger than its q, k and v, and the forward keeps them and their keep bits for the backward, which then
+skips one GEMM, an exp and a hash per weight.
 
 One prange iteration per (batch, head) walks the queries in blocks of BR rows against all T keys, in a (BR, T) scratch
 block of its own: scores = q_blk k^T (BLAS), scale, key padding mask, a stable softmax row by row (a fully masked row
@@ -52,9 +52,10 @@ from minielectra.parallel import limit_blas
 # the three are within 5 %. The kernels take it as an argument, so the tests can run small blocks on small inputs.
 BR = 256
 
-# Up to this T the forward keeps the weights and the backward reuses them, where beyond it the backward recomputes
-# them (one GEMM and an exp per weight). At T = 128 a head's (T, T) weights take no more memory than its q, k and v
-# (3 T D entries, D = 64), and the tiny preset's 2-core step was 1.0-1.6 ms faster (alternating in one process); at
+# Up to this T the forward keeps the weights and the dropout's keep bits, and the backward reuses them, where beyond
+# it the backward recomputes them (one GEMM, an exp and a hash per weight). At T = 128 a head's (T, T) weights take no
+# more memory than its q, k and v (3 T D entries, D = 64), and the tiny preset's 2-core step was 1.0-1.6 ms faster
+# with the weights kept, 0.6 ms more (-0.1 to 1.1 in four runs) with the bits (alternating in one process); at
 # T = 512 they would be 2.7 times q, k and v together, and memory would grow as T^2.
 KEEP_WEIGHTS_UP_TO = 128
 
@@ -72,6 +73,7 @@ class AttentionKernelCache(NamedTuple):
     scale: float  # 1 / sqrt(D)
     block_rows: int  # the forward's BR: the backward recomputes the scores in the same blocks, so with the same bits
     weights: object = None  # (B, H, T, T) the weights before dropout, kept when T <= KEEP_WEIGHTS_UP_TO; else None
+    bits: object = None  # (B, H, T, T) bool, the dropout's keep bits, kept with the weights when dropout is on
 
     @property
     def probs(self):
@@ -84,9 +86,12 @@ class AttentionKernelCache(NamedTuple):
 
     @property
     def keep(self):
-        """(B, H, T, T) bool dropout keep mask, recomputed from the seed; None when dropout was off."""
+        """(B, H, T, T) bool dropout keep mask: the forward's, where it kept them; else recomputed from the seed; None
+        when dropout was off."""
         if not self.threshold:
             return None
+        if self.bits is not None:
+            return self.bits
         B, H, T, _ = self.q.shape
         return _dropout.hashed_keep_mask(np, self.seed, (B, H, T, T), self.threshold)
 
@@ -98,17 +103,17 @@ def _offset(lay, b, h, i):
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, rowsum, weights):
+def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, rowsum, weights, bits):
     # q, k, v, out: flat arrays, entry (b, h, t, d) of each at b lay[i, 0] + h lay[i, 1] + t lay[i, 2] + d (`_heads`);
     # keys (B, T) bool, True at real tokens; seed, threshold uint64, read only when use_drop; c: scale, dropout scale,
-    # +inf in the input dtype; br: query rows per block. Writes out, rowmax and rowsum (B*H, T), and the weights
-    # (B*H, T, T) unless that array is empty (see KEEP_WEIGHTS_UP_TO).
+    # +inf in the input dtype; br: query rows per block. Writes out, rowmax and rowsum (B*H, T), and the weights and
+    # keep bits (B*H, T, T) unless those arrays are empty (see KEEP_WEIGHTS_UP_TO).
     BH, T = rowmax.shape
     H = BH // keys.shape[0]
     D = lay[4, 0]
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
-    keep_weights = weights.shape[0] > 0
+    keep_weights, keep_bits = weights.shape[0] > 0, bits.shape[0] > 0
     for bh in prange(BH):
         b, h = bh // H, bh % H
         qo, ko = _offset(lay, b, h, 0), _offset(lay, b, h, 1)
@@ -148,24 +153,26 @@ def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, 
                 for j in range(T):
                     w[j] = p[j] / tot
                 if use_drop:
-                    keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
+                    kr = bits[bh, i] if keep_bits else kept  # (T,) where the keep bits go
+                    keep_row(kr, seed, np.uint64((bh * T + i) * T), threshold)
                     for j in range(T):
-                        p[j] = w[j] * drop_scale if kept[j] else zero
+                        p[j] = w[j] * drop_scale if kr[j] else zero
                 elif keep_weights:
                     p[:] = w
             gemm(P, T, False, v[vo:], lay[2, 2], False, out[oo + r0 * lay[3, 2]:], lay[3, 2], n, D, T, False)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, threshold, use_drop, c, br, weights):
+def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, threshold, use_drop, c, br, weights,
+              bits):
     # As _forward, with dout, q, k, v, dq, dk, dv flat and placed by lay's rows 0-6, and the forward's rowmax, rowsum;
-    # the forward's weights, or an empty array to recompute them; writes dq, dk, dv.
+    # the forward's weights and keep bits, or empty arrays to recompute them; writes dq, dk, dv.
     BH, T = rowmax.shape
     H = BH // keys.shape[0]
     D = lay[7, 0]
     scale, drop_scale, inf = c[0], c[1], c[2]
     zero = scale - scale
-    keep_weights = weights.shape[0] > 0
+    keep_weights, keep_bits = weights.shape[0] > 0, bits.shape[0] > 0
     for bh in prange(BH):
         b, h = bh // H, bh % H
         go, qo, ko, vo = _offset(lay, b, h, 0), _offset(lay, b, h, 1), _offset(lay, b, h, 2), _offset(lay, b, h, 3)
@@ -195,16 +202,18 @@ def _backward(dout, q, k, v, dq, dk, dv, lay, keys, rowmax, rowsum, seed, thresh
                 if not keep_weights:
                     for j in range(T):  # the forward's weights, by the forward's operations
                         p[j] = exp(p[j] * scale - m) / tot if kb[j] else zero
-                if use_drop:
+                kr = bits[bh, i] if keep_bits else kept  # (T,) the forward's keep bits
+                if use_drop and not keep_bits:
                     keep_row(kept, seed, np.uint64((bh * T + i) * T), threshold)
+                if use_drop:
                     for j in range(T):  # from dropped = p * keep / (1 - p_drop)
-                        g[j] = g[j] * drop_scale if kept[j] else zero
+                        g[j] = g[j] * drop_scale if kr[j] else zero
                 dot = row_dot(g, p, zero)
                 for j in range(T):  # softmax backward: p * (dp - sum(dp * p)), masked keys have p = 0
                     g[j] = p[j] * (g[j] - dot) * scale
                 if use_drop:
                     for j in range(T):
-                        p[j] = p[j] * drop_scale if kept[j] else zero
+                        p[j] = p[j] * drop_scale if kr[j] else zero
             # dv and dk sum over the blocks: the first block writes them, the others add to them (BLAS's beta = 1)
             gemm(P, T, True, gb, lay[0, 2], False, dv[dvo:], lay[6, 2], T, D, n, r0 > 0)  # from out = dropped @ v
             gemm(G, T, False, k[ko:], lay[2, 2], False, dq[dqo + r0 * lay[4, 2]:], lay[4, 2], n, D, T, False)
@@ -248,22 +257,24 @@ def attention_forward(q, k, v, mask=None, p_drop=0.0, rng=None):
     rowmax, rowsum = np.empty((B, H, T), dt), np.empty((B, H, T), dt)
     drop_scale = dt.type(1.0 / (1.0 - p_drop))
     consts = np.array([scale, drop_scale, np.inf], dtype=dt)
-    weights = np.empty((B, H, T, T) if T <= KEEP_WEIGHTS_UP_TO else (0, 0, 0, 0), dt)
+    kept = T <= KEEP_WEIGHTS_UP_TO
+    weights = np.empty((B, H, T, T) if kept else (0, 0, 0, 0), dt)
+    bits = np.empty((B, H, T, T) if kept and threshold else (0, 0, 0, 0), np.bool_)
     if B * H * T:
         placed = [_heads(a) for a in (q, k, v)] + [out_placed]
         with limit_blas(1):
             _forward(*(flat for flat, _ in placed), _layout(placed, D), keys, np.uint64(seed), np.uint64(threshold),
                      threshold > 0, consts, BR, rowmax.reshape(B * H, T), rowsum.reshape(B * H, T),
-                     weights.reshape(-1, T, T) if weights.size else weights.reshape(0, 0, 0))
+                     *(a.reshape(-1, T, T) if a.size else a.reshape(0, 0, 0) for a in (weights, bits)))
     return out, AttentionKernelCache(q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, float(scale), BR,
-                                     weights if weights.size else None)
+                                     *(a if a.size else None for a in (weights, bits)))
 
 
 def attention_backward(dout, cache):
     """Inverts `out = dropout(softmax(q k^T * scale)) @ v` -> (dq, dk, dv), views of (B, T, H, D) memory as out."""
     if isinstance(cache, AttentionCache):  # from the reference forward
         return _reference_backward(dout, cache)
-    q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, scale, block_rows, weights = cache
+    q, k, v, rowmax, rowsum, keys, seed, threshold, drop_scale, scale, block_rows, weights, bits = cache
     checks.float_array("dout", dout)
     checks.shape("dout", dout, q.shape, "(B, H, T, D) like q")
     B, H, T, D = q.shape
@@ -276,5 +287,6 @@ def attention_backward(dout, cache):
         with limit_blas(1):
             _backward(*(flat for flat, _ in placed), _layout(placed, D), keys, rowmax.reshape(B * H, T),
                       rowsum.reshape(B * H, T), np.uint64(seed), np.uint64(threshold), threshold > 0, consts,
-                      block_rows, np.empty((0, 0, 0), dt) if weights is None else weights.reshape(-1, T, T))
+                      block_rows, np.empty((0, 0, 0), dt) if weights is None else weights.reshape(-1, T, T),
+                      np.empty((0, 0, 0), np.bool_) if bits is None else bits.reshape(-1, T, T))
     return dq, dk, dv

@@ -131,19 +131,20 @@ def test_default_block_size_across_a_block_boundary(dtype, keep, monkeypatch):
 
 
 def test_keeps_the_weights_up_to_its_limit_and_the_backward_leaves_them_as_they_were():
-    """At T <= KEEP_WEIGHTS_UP_TO the cache holds the forward's weights, which the backward reads (twice here, with
-    the same result: it works on a copy); beyond it, nothing (T, T)."""
+    """At T <= KEEP_WEIGHTS_UP_TO the cache holds the forward's weights and keep bits, which the backward reads (twice
+    here, with the same result: it works on a copy); beyond it, nothing (T, T)."""
     T = ker.KEEP_WEIGHTS_UP_TO
     for t, kept in ((T, True), (T + 1, False)):
         q, k, v, dout = _inputs(2, (1, 2, t, 4), np.float32, False, True)
         _, c = ker.attention_forward(q, k, v, None, 0.1, np.random.default_rng(0))
-        assert (c.weights is not None) == kept
+        assert (c.weights is not None) == (c.bits is not None) == kept
         before = None if c.weights is None else c.weights.copy()
         first, second = ker.attention_backward(dout, c), ker.attention_backward(dout, c)
         for a, b in zip(first, second):
             np.testing.assert_array_equal(a, b)
         if kept:
             np.testing.assert_array_equal(c.weights, before)
+            np.testing.assert_array_equal(c.bits, hashed_keep_mask(np, c.seed, c.bits.shape, c.threshold))
 
 
 @KERNEL_SETTINGS
@@ -217,8 +218,8 @@ def test_memory_grows_linearly_in_T(p_drop, monkeypatch):
             used = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        weights = B * H * T * T * 8 if T <= ker.KEEP_WEIGHTS_UP_TO else 0
-        assert _cache_bytes(c) == (3 * B * H * T * D + 2 * B * H * T) * 8 + B * T + weights
+        kept = B * H * T * T * (8 + (p_drop > 0)) if T <= ker.KEEP_WEIGHTS_UP_TO else 0  # weights and keep bits
+        assert _cache_bytes(c) == (3 * B * H * T * D + 2 * B * H * T) * 8 + B * T + kept
         return used
 
     peak(64)  # compiled before measuring
