@@ -79,16 +79,24 @@ def max_predictions(config: ElectraConfig, T):
     return max(1, int((config.mask_prob + 0.005) * T))
 
 
+def picks_per_sequence(input_ids, attention_mask, config: ElectraConfig):
+    """(special (B, T) bool, k (B,)): which tokens can never be picked, and how many of each sequence's n others
+    mask_tokens picks: round(mask_prob * n), at least 1, at most max_predictions and n. A function of the batch alone,
+    not of the draw."""
+    special = ((input_ids == config.pad_token_id) | (input_ids == config.cls_token_id)
+               | (input_ids == config.sep_token_id) | (attention_mask == 0))
+    n = (~special).sum(axis=1)  # (B,) candidates per sequence
+    P = max_predictions(config, input_ids.shape[1])
+    return special, np.minimum(n, np.clip(np.round(n * config.mask_prob).astype(np.int64), 1, P))
+
+
 def mask_tokens(input_ids, attention_mask, config: ElectraConfig, rng):
     """Pick round(mask_prob * n) of each sequence's n non-special tokens (at least 1, at most max_predictions),
     uniformly without replacement; replace 85 % of the picks with [MASK] and leave the rest unchanged (no random word).
     """
     B, T = input_ids.shape
-    special = ((input_ids == config.pad_token_id) | (input_ids == config.cls_token_id)
-               | (input_ids == config.sep_token_id) | (attention_mask == 0))
-    n = (~special).sum(axis=1)  # (B,) candidates per sequence
     P = max_predictions(config, T)
-    k = np.minimum(n, np.clip(np.round(n * config.mask_prob).astype(np.int64), 1, P))  # (B,) picks per sequence
+    special, k = picks_per_sequence(input_ids, attention_mask, config)  # k (B,) picks per sequence
     # A random key per token, pushed past every candidate's for special tokens: the first k of the argsort are a
     # uniform sample of k candidates without replacement.
     keys = rng.random((B, T)) + special * 2.0
@@ -190,6 +198,15 @@ def forward(params, batch, config: ElectraConfig, rng, train=True, samples=None)
     tallies = _tallies(logits, targets, dlogits_in, labels, real)
     cache = StepCache(gen, gen_head, disc, disc_head, rows, dmlm, drtd, tuple(gh.shape))
     return Output(losses, ratios(tallies), samples, cache, counts, tallies)
+
+
+def counts(batch, config: ElectraConfig, samples=None):
+    """forward's `counts` from the batch alone, before forward has run: the number of picks (mask_tokens' k, which
+    does not depend on the draw) and of real tokens. The sharded step weighs each shard's backward with them
+    (parallel.py). `samples` is forward's replay argument, which changes neither."""
+    input_ids, attention_mask = _check_batch(batch, config)
+    _, k = picks_per_sequence(input_ids, attention_mask, config)
+    return {"mlm_loss": float(k.sum()), "rtd_loss": float((attention_mask != 0).sum())}
 
 
 def total_loss(losses, config: ElectraConfig):

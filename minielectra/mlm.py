@@ -96,6 +96,16 @@ class Output(NamedTuple):
     tallies: dict  # mlm_acc as (numerator, denominator), so that shards can add theirs up (see parallel.py)
 
 
+def counts(batch, config: ElectraConfig, masking=None):
+    """forward's `counts` from the batch alone (electra.counts): the picks of a replayed masking, or the number
+    electra.mask_tokens would pick."""
+    input_ids, attention_mask = electra._check_batch(batch, config)
+    if masking is not None:
+        return {"mlm_loss": float((masking.weights > 0).sum())}
+    _, k = electra.picks_per_sequence(input_ids, attention_mask, config)
+    return {"mlm_loss": float(k.sum())}
+
+
 def forward(params, batch, config: ElectraConfig, rng, train=True, masking=None):
     """Losses, metrics and backward cache of one MLM step on batch = (input_ids (B, T), attention_mask (B, T)).
 

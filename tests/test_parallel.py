@@ -118,6 +118,29 @@ def test_thread_count_does_not_change_the_numbers(objective):
             np.testing.assert_array_equal(grads[k], runs[0][2][k], err_msg=k)
 
 
+@pytest.mark.parametrize("objective", [E, M], ids=["electra", "mlm"])
+def test_counts_from_the_batch_are_what_forward_counts(objective):
+    """objective.counts gives, before any forward runs, the counts forward reports, on which the shards' shares rest:
+    with padding, an all-padding sequence and short sequences; for mlm also with a replayed masking of fewer picks."""
+    params = objective.init_model(SMALL, np.random.default_rng(0))
+    for seed, (B, T) in enumerate([(5, 9), (3, 4), (6, 16)]):
+        batch = all_padding_row(padded_batch(np.random.default_rng(seed), B, T, SMALL.vocab_size), B - 1)
+        out = objective.forward(params, batch, SMALL, np.random.default_rng(seed))
+        assert objective.counts(batch, SMALL) == out.counts
+    if objective is M:
+        fewer = out.masking._replace(weights=out.masking.weights * (np.arange(out.masking.weights.shape[1]) < 1))
+        out = objective.forward(params, batch, SMALL, np.random.default_rng(0), masking=fewer)
+        assert objective.counts(batch, SMALL, masking=fewer) == out.counts == {"mlm_loss": float(B - 1)}
+
+
+def test_counts_that_disagree_with_the_forward_stop_the_step(monkeypatch):
+    params = E.init_model(SMALL, np.random.default_rng(0))
+    batch = padded_batch(np.random.default_rng(1), 4, 9, SMALL.vocab_size)
+    monkeypatch.setattr(E, "counts", lambda batch, config, **replay: {"mlm_loss": 1.0, "rtd_loss": 1.0})
+    with pytest.raises(RuntimeError, match="forward counted"):
+        parallel.loss_and_grads(E, params, batch, SMALL, np.random.default_rng(0), shards=2, threads=2)
+
+
 def test_a_shard_error_reaches_the_caller():
     params = E.init_model(SMALL, np.random.default_rng(0))
     ids, mask = padded_batch(np.random.default_rng(1), 4, 9, SMALL.vocab_size)
