@@ -17,7 +17,7 @@ from kernels.cupy_gpu import _common
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.layernorm import (LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, NormDropoutCache,
-                                      dropout_add_setup)
+                                      dropout_add_setup, layernorm_dropout_setup)
 
 WARPS_PER_BLOCK = 4  # rows per block of the row kernels
 PARTIAL_THREADS = 256
@@ -111,10 +111,7 @@ def layernorm_dropout_forward(x, gamma, beta, p, rng, train=True, eps=LAYER_NORM
     """x (..., C), gamma, beta (C,) -> dropout(LN(x)) (..., C)."""
     _common.require_device_arrays("layernorm_dropout_forward", "minielectra.ops.layernorm.layernorm_dropout_forward",
                                   x=x)
-    checks.probability("p", p)
-    threshold = _dropout.drop_threshold(p) if train else 0
-    seed = _dropout.draw_seed(rng) if threshold else 0  # the reference's draw: its mask
-    drop_scale = 1.0 / (1.0 - p)
+    seed, threshold, drop_scale = layernorm_dropout_setup(x, p, rng, train)  # the reference's draw: its mask
     y, ln = layernorm_forward(x, gamma, beta, eps)
     out = _dropout.hashed_dropout(y, seed, threshold, drop_scale) if threshold else y
     return out, NormDropoutCache(ln, seed, threshold, drop_scale)

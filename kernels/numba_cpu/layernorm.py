@@ -20,9 +20,8 @@ from numba import njit, prange
 
 from kernels.numba_cpu._common import ONE_U64, REDUCE, as_2d, float_dtype, keep, n_chunks, row_sum
 from minielectra.ops import checks
-from minielectra.ops.dropout import draw_seed, drop_threshold
 from minielectra.ops.layernorm import (LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, NormDropoutCache,
-                                      dropout_add_setup)
+                                      dropout_add_setup, layernorm_dropout_setup)
 
 
 @njit(cache=True, fastmath=REDUCE)
@@ -150,19 +149,25 @@ def _check_params(gamma, beta, C):
     checks.param("beta", beta, (C,), "(C,)")
 
 
-def layernorm_forward(x, gamma, beta, eps=LAYER_NORM_EPS):
-    """x (..., C), gamma (C,), beta (C,) -> (..., C)."""
-    checks.float_array("x", x)
+def _normalise(kernel, x, gamma, beta, eps, *extra):
+    """kernel(x2, gamma, beta, eps, 1, C, *extra, y, xhat, rstd) on x as (N, C) in the inputs' dtype -> (y (..., C),
+    LayerNormCache): what the two forward kernels share."""
     C = x.shape[-1]
     _check_params(gamma, beta, C)
     dt = float_dtype(x, gamma, beta)
     x2 = as_2d(x, dt)  # (N, C)
     N = x2.shape[0]
     y, xhat, rstd = np.empty((N, C), dt), np.empty((N, C), dt), np.empty(N, dt)
-    _forward(x2, np.ascontiguousarray(gamma, dtype=dt), np.ascontiguousarray(beta, dtype=dt), dt.type(eps),
-             dt.type(1), dt.type(C), y, xhat, rstd)
+    kernel(x2, np.ascontiguousarray(gamma, dtype=dt), np.ascontiguousarray(beta, dtype=dt), dt.type(eps), dt.type(1),
+           dt.type(C), *(dt.type(a) if isinstance(a, float) else a for a in extra), y, xhat, rstd)
     shape = x.shape
     return y.reshape(shape), LayerNormCache(xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,)), gamma)
+
+
+def layernorm_forward(x, gamma, beta, eps=LAYER_NORM_EPS):
+    """x (..., C), gamma (C,), beta (C,) -> (..., C)."""
+    checks.float_array("x", x)
+    return _normalise(_forward, x, gamma, beta, eps)
 
 
 def _backward_args(dout, ln):
@@ -217,22 +222,9 @@ def dropout_add_layernorm_backward(dout, cache):
 
 def layernorm_dropout_forward(x, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
     """x (..., C), gamma, beta (C,) -> dropout(LN(x)) (..., C)."""
-    checks.float_array("x", x)
-    checks.probability("p", p)
-    threshold = drop_threshold(p) if train else 0
-    seed = draw_seed(rng) if threshold else 0  # the reference's draw: its mask
-    drop_scale = 1.0 / (1.0 - p)
-    C = x.shape[-1]
-    _check_params(gamma, beta, C)
-    dt = float_dtype(x, gamma, beta)
-    x2 = as_2d(x, dt)  # (N, C)
-    N = x2.shape[0]
-    y, xhat, rstd = np.empty((N, C), dt), np.empty((N, C), dt), np.empty(N, dt)
-    _forward_dropout(x2, np.ascontiguousarray(gamma, dtype=dt), np.ascontiguousarray(beta, dtype=dt), dt.type(eps),
-                     dt.type(1), dt.type(C), np.uint64(seed), np.uint64(threshold), dt.type(drop_scale), y, xhat, rstd)
-    shape = x.shape
-    ln = LayerNormCache(xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,)), gamma)
-    return y.reshape(shape), NormDropoutCache(ln, seed, threshold, drop_scale)
+    seed, threshold, drop_scale = layernorm_dropout_setup(x, p, rng, train)  # the reference's draw: its mask
+    y, ln = _normalise(_forward_dropout, x, gamma, beta, eps, np.uint64(seed), np.uint64(threshold), drop_scale)
+    return y, NormDropoutCache(ln, seed, threshold, drop_scale)
 
 
 def layernorm_dropout_backward(dout, cache):

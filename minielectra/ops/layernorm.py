@@ -98,6 +98,15 @@ class NormDropoutCache(NamedTuple):
     drop_scale: float  # 1 / (1 - p)
 
 
+def layernorm_dropout_setup(x, p, rng, train):
+    """layernorm_dropout_forward's checks of x and p and its one draw from rng, shared with its kernels -> (seed,
+    threshold, drop_scale); gamma and beta are checked by the layer norm."""
+    checks.float_array("x", x)
+    checks.probability("p", p)
+    threshold = drop_threshold(p) if train else 0
+    return (draw_seed(rng) if threshold else 0), threshold, 1.0 / (1.0 - p)
+
+
 def layernorm_dropout_forward(x, gamma, beta, p, rng, train=True, eps=LAYER_NORM_EPS):
     """x (..., C), gamma, beta (C,) -> dropout(LN(x)) (..., C): how the embeddings end (BERT's
     `dropout(LayerNorm(words + positions + types))`), as one op so a kernel can do it in one pass over each row.
@@ -105,11 +114,7 @@ def layernorm_dropout_forward(x, gamma, beta, p, rng, train=True, eps=LAYER_NORM
     Dropout uses the hashed mask of dropout_add_layernorm_forward (one seed drawn from rng when it drops anything), so
     the backward recomputes it and the cache holds no mask.
     """
-    checks.float_array("x", x)
-    checks.probability("p", p)
-    threshold = drop_threshold(p) if train else 0
-    seed = draw_seed(rng) if threshold else 0
-    drop_scale = 1.0 / (1.0 - p)
+    seed, threshold, drop_scale = layernorm_dropout_setup(x, p, rng, train)
     y, ln = layernorm_forward(x, gamma, beta, eps)
     out = hashed_dropout(y, seed, threshold, drop_scale) if threshold else y
     return out, NormDropoutCache(ln, seed, threshold, drop_scale)

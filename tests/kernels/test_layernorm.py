@@ -106,18 +106,6 @@ def test_dropout_add_layernorm_matches_reference(seed, shape, dtype, mag, layout
     assert np.all(got[0][dropped] == 0)  # the same entries dropped, exactly
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_dropout_add_layernorm_caches_interchange_with_reference(dtype):
-    x, gamma, beta, dout = _inputs(0, (6, 5, 24), dtype, 1.0, "C")
-    residual = _inputs(1, (6, 5, 24), dtype, 1.0, "C")[0]
-    _, c_ref = ref.dropout_add_layernorm_forward(x, residual, gamma, beta, 0.1, np.random.default_rng(0))
-    _, c = ker.dropout_add_layernorm_forward(x, residual, gamma, beta, 0.1, np.random.default_rng(0))
-    want = ref.dropout_add_layernorm_backward(dout, c_ref)
-    for got in (ker.dropout_add_layernorm_backward(dout, c_ref), ref.dropout_add_layernorm_backward(dout, c)):
-        for g, w in zip(got, want):
-            assert_close(g, w)
-
-
 def test_dropout_add_layernorm_rejects_what_the_reference_rejects():
     x = np.zeros((2, 4), np.float32)
     g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
@@ -156,12 +144,16 @@ def test_layernorm_dropout_matches_reference(seed, shape, dtype, mag, layout, p,
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_layernorm_dropout_caches_interchange_with_reference(dtype):
+@pytest.mark.parametrize("op", ["dropout_add_layernorm", "layernorm_dropout"])
+def test_fused_ops_caches_interchange_with_reference(op, dtype):
+    """The fused ops' kernels and references share their caches, so either backward inverts either forward."""
     x, gamma, beta, dout = _inputs(0, (6, 5, 24), dtype, 1.0, "C")
-    _, c_ref = ref.layernorm_dropout_forward(x, gamma, beta, 0.1, np.random.default_rng(0))
-    _, c = ker.layernorm_dropout_forward(x, gamma, beta, 0.1, np.random.default_rng(0))
-    want = ref.layernorm_dropout_backward(dout, c_ref)
-    for got in (ker.layernorm_dropout_backward(dout, c_ref), ref.layernorm_dropout_backward(dout, c)):
+    inputs = (x, _inputs(1, (6, 5, 24), dtype, 1.0, "C")[0]) if op == "dropout_add_layernorm" else (x,)
+    _, c_ref = getattr(ref, f"{op}_forward")(*inputs, gamma, beta, 0.1, np.random.default_rng(0))
+    _, c = getattr(ker, f"{op}_forward")(*inputs, gamma, beta, 0.1, np.random.default_rng(0))
+    ref_backward, ker_backward = getattr(ref, f"{op}_backward"), getattr(ker, f"{op}_backward")
+    want = ref_backward(dout, c_ref)
+    for got in (ker_backward(dout, c_ref), ref_backward(dout, c)):
         for g, w in zip(got, want):
             assert_close(g, w)
 

@@ -167,6 +167,17 @@ def test_bad_input_names_the_argument(args, exc, name):
 # ---- dropout_add_layernorm: LN(residual + dropout(x)), the end of each post-LN sublayer ------------------------------
 
 
+def _expected_mask(cache, seed, shape, p, train):
+    """(keep, scale) a fused op with dropout p must have used, its cache checked: the hashed mask of its one draw from
+    default_rng(seed), or everything kept (scale 1) when p is 0 or it is not training."""
+    threshold = drop_threshold(p) if train else 0
+    assert cache.threshold == threshold
+    if not threshold:
+        return np.ones(shape, bool), 1.0
+    assert cache.seed == draw_seed(np.random.default_rng(seed))  # the op's only draw
+    return hashed_keep_mask(np, cache.seed, shape, threshold), 1 / (1 - p)
+
+
 def _sublayer_inputs(seed, lead, C, scale, offset):
     x, gamma, beta = _inputs(seed, lead, C, scale)
     residual, _, _ = _inputs(seed + 1, lead, C, scale)
@@ -179,14 +190,7 @@ def _sublayer_inputs(seed, lead, C, scale, offset):
 def test_dropout_add_layernorm_is_the_three_ops_with_the_hashed_mask(seed, lead, C, p, train, offset):
     x, residual, gamma, beta = _sublayer_inputs(seed, lead, C, 1.0, offset)
     y, cache = dropout_add_layernorm_forward(x, residual, gamma, beta, p, np.random.default_rng(seed), train)
-    threshold = drop_threshold(p) if train else 0
-    assert cache.threshold == threshold
-    if threshold:
-        assert cache.seed == draw_seed(np.random.default_rng(seed))  # the op's only draw
-        keep = hashed_keep_mask(np, cache.seed, x.shape, threshold)
-    else:
-        keep = np.ones(x.shape, bool)
-    scale = 1 / (1 - p) if threshold else 1.0
+    keep, scale = _expected_mask(cache, seed, x.shape, p, train)
     want, ln = layernorm_forward(residual + x * keep * scale, gamma, beta)
     np.testing.assert_array_equal(y, want)
     dout = np.random.default_rng(seed + 2).standard_normal(x.shape)
@@ -271,14 +275,7 @@ def test_layernorm_dropout_is_the_layer_norm_then_the_hashed_mask(seed, lead, C,
     x, gamma, beta = _inputs(seed, lead, C, 1.0)
     x = x + offset
     y, cache = layernorm_dropout_forward(x, gamma, beta, p, np.random.default_rng(seed), train)
-    threshold = drop_threshold(p) if train else 0
-    assert cache.threshold == threshold
-    if threshold:
-        assert cache.seed == draw_seed(np.random.default_rng(seed))  # the op's only draw
-        keep = hashed_keep_mask(np, cache.seed, x.shape, threshold)
-    else:
-        keep = np.ones(x.shape, bool)
-    scale = 1 / (1 - p) if threshold else 1.0
+    keep, scale = _expected_mask(cache, seed, x.shape, p, train)
     ln_y, ln = layernorm_forward(x, gamma, beta)
     np.testing.assert_array_equal(y, ln_y * keep * scale)
     dout = np.random.default_rng(seed + 2).standard_normal(x.shape)
