@@ -140,6 +140,9 @@ def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, 
                             m = max(m, p[j])
                     m = m * scale
                 rowmax[bh, i] = m
+                kr = bits[bh, i] if keep_bits else kept  # (T,) where the keep bits go
+                if use_drop:  # (kept bits are the whole mask, as cache.keep reports it, masked rows included)
+                    keep_row(kr, seed, np.uint64((bh * T + i) * T), threshold)
                 if m == -inf:  # every key masked: no defined softmax, the reference's zeros
                     p[:] = zero
                     if keep_weights:
@@ -150,9 +153,6 @@ def _forward(q, k, v, out, lay, keys, seed, threshold, use_drop, c, br, rowmax, 
                     p[j] = exp(p[j] * scale - m) if kb[j] else zero
                 tot = row_sum(p, zero)
                 rowsum[bh, i] = tot
-                kr = bits[bh, i] if keep_bits else kept  # (T,) where the keep bits go
-                if use_drop:
-                    keep_row(kr, seed, np.uint64((bh * T + i) * T), threshold)
                 # Each loop below reads and writes p alone: LLVM vectorises such a loop, and not one that writes an
                 # array which may overlap the one it reads (a T = 512 forward took 8.3 ms that way, 4.7 this way).
                 if keep_weights:  # the weights, kept for the backward, then dropped in place
