@@ -252,6 +252,8 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng, xp=np):
         ("layernorm fwd+bwd", ("layernorm_forward", "layernorm_backward"), (r(B, T, C), r(C), r(C)), r(B, T, C)),
         ("dropout+add+LN", ("dropout_add_layernorm_forward", "dropout_add_layernorm_backward"),
          (r(B, T, C), r(B, T, C), r(C), r(C), config.hidden_dropout_prob, np.random.default_rng(0)), r(B, T, C)),
+        ("LN+dropout (emb.)", ("layernorm_dropout_forward", "layernorm_dropout_backward"),
+         (r(B, T, E), r(E), r(E), config.hidden_dropout_prob, np.random.default_rng(0)), r(B, T, E)),
         ("bias+gelu fwd+bwd", ("bias_gelu_forward", "bias_gelu_backward"), (r(B, T, F), r(F)), r(B, T, F)),
         ("softmax CE (MLM)", ("softmax_cross_entropy",), (r(N, V), ints(V, N)), None),
         ("gumbel sample", ("gumbel_sample",), (r(N, V), config.temperature, np.random.default_rng(0)), None),
