@@ -20,7 +20,7 @@ import numpy as np
 from minielectra import backend, electra, parallel
 from minielectra.backend import dispatch
 from minielectra.config import ElectraConfig
-from minielectra.optim import adamw_init, learning_rate
+from minielectra.optim import adamw_init, flatten, learning_rate
 
 
 def masked_tokens(config: ElectraConfig, batch_size, seq_len):
@@ -75,7 +75,7 @@ def make_step(config: ElectraConfig, train, batch_size, seq_len, seed=0):
     as in training; the step waits for the GPU before it returns, so timing it times the work. It returns the loss
     (a 0-d device array on the GPU)."""
     xp = backend.array_module()
-    params = {k: xp.asarray(v) for k, v in electra.init_model(config, np.random.default_rng(seed)).items()}
+    params, _ = flatten({k: xp.asarray(v) for k, v in electra.init_model(config, np.random.default_rng(seed)).items()})
     state = adamw_init(params)
     rng = np.random.default_rng(seed + 1)
     batch = _random_batch(config, batch_size, seq_len, rng)

@@ -24,7 +24,9 @@ import functools
 import math
 from dataclasses import dataclass
 
+from minielectra import flat
 from minielectra.backend import get_xp, on_device
+from minielectra.nn import zeros_like
 
 # The official exclude list: biases and LayerNorm weights are not decayed. Shrinking a bias or a LayerNorm gain towards
 # zero does not make the model simpler in any useful sense; it only fights the normalisation.
@@ -51,12 +53,20 @@ class AdamWState:
 
 
 def adamw_init(params):
-    """A fresh AdamWState: zero moments with each parameter's shape, dtype and array module (NumPy or CuPy)."""
-    return AdamWState(
-        m={k: get_xp(p).zeros_like(p) for k, p in params.items()},
-        v={k: get_xp(p).zeros_like(p) for k, p in params.items()},
-        step=0,
-    )
+    """A fresh AdamWState: zero moments with each parameter's shape, dtype and array module (NumPy or CuPy), laid out
+    as the params when they are views of one buffer (see flatten)."""
+    return AdamWState(m=zeros_like(params), v=zeros_like(params), step=0)
+
+
+def flatten(params, state=None):
+    """(params, state) as views of one buffer each, laid out alike (flat.py): the decayed params first, then the
+    others, so the Numba kernels update them all in one call with the decay mask as one boundary. Copies; state None
+    gives None."""
+    layout = flat.layout_of(params, no_decay)
+    params = flat.flatten(params, layout)
+    if state is not None:
+        state.m, state.v = flat.flatten(state.m, layout), flat.flatten(state.v, layout)
+    return params, state
 
 
 def _check_matching(params, grads, state):

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from minielectra import backend
+from minielectra import backend, flat
 from minielectra.electra import ratios
 
 
@@ -178,8 +178,14 @@ def classifier_loss_and_grads(module, params, batch, config, num_labels, rng, tr
 
 
 def _sum(grads_list):
-    """The shards' grads dicts added into the first, in shard order: the sum is the same whatever ran first."""
+    """The shards' grads dicts added into the first, in shard order: the sum is the same whatever ran first. Grads
+    that are views of one buffer each (flat.py) are added buffer to buffer, in one call."""
     grads = grads_list[0]
+    bufs = flat.buffers(*grads_list)
+    if bufs is not None:
+        for b in bufs[1:]:
+            bufs[0] += b
+        return grads
     for g in grads_list[1:]:
         for name in grads:
             grads[name] += g[name]

@@ -24,7 +24,7 @@ from minielectra import data as datamod
 from minielectra import electra, mlm, parallel
 from minielectra import backend
 from minielectra.backend import dispatch, on_device
-from minielectra.optim import adamw_init, learning_rate
+from minielectra.optim import adamw_init, flatten, learning_rate
 from minielectra.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -227,11 +227,12 @@ def pretrain(out_dir, corpus=None, model=None, train=None, resume=False, vocab_p
 
 
 def _place(params, state, xp):
-    """Params and AdamW moments in the array module `xp` (a no-op for numpy; a copy to the GPU for cupy)."""
+    """Params and AdamW moments in the array module `xp` (a copy to the GPU for cupy), as views of one buffer each
+    (optim.flatten: the step's sum of the shards' gradients, clipping and update then run on whole buffers)."""
     params = {k: xp.asarray(v) for k, v in params.items()}
     state.m = {k: xp.asarray(v) for k, v in state.m.items()}
     state.v = {k: xp.asarray(v) for k, v in state.v.items()}
-    return params, state
+    return flatten(params, state)
 
 
 def _host_records(records):

@@ -119,6 +119,23 @@ def test_thread_count_does_not_change_the_numbers(objective):
 
 
 @pytest.mark.parametrize("objective", [E, M], ids=["electra", "mlm"])
+def test_flat_params_give_the_same_sharded_step(objective):
+    """Params as views of one buffer (optim.flatten, as training runs them): each shard's grads are views of one
+    buffer too, and the shards' buffers are added in one call, entry by entry as the dicts are, so to the bit."""
+    from minielectra import flat, optim
+
+    params = objective.init_model(SMALL, np.random.default_rng(0))
+    fp, _ = optim.flatten(params)
+    batch = padded_batch(np.random.default_rng(4), 6, 12, SMALL.vocab_size)
+    runs = [parallel.loss_and_grads(objective, p, batch, SMALL, np.random.default_rng(9), shards=3, threads=2)
+            for p in (params, fp)]
+    assert isinstance(runs[1][2], flat.FlatDict) and runs[1][2].intact() and runs[1][2].layout is fp.layout
+    assert runs[1][0] == runs[0][0]
+    for k in params:
+        np.testing.assert_array_equal(runs[1][2][k], runs[0][2][k], err_msg=k)
+
+
+@pytest.mark.parametrize("objective", [E, M], ids=["electra", "mlm"])
 def test_counts_from_the_batch_are_what_forward_counts(objective):
     """objective.counts gives, before any forward runs, the counts forward reports, on which the shards' shares rest:
     with padding, an all-padding sequence and short sequences; for mlm also with a replayed masking of fewer picks."""

@@ -7,6 +7,7 @@ contributions) and returns the gradient of its input.
 
 import numpy as np
 
+from minielectra import flat
 from minielectra.backend import get_xp
 
 
@@ -39,5 +40,8 @@ def init_params(shapes, rng, std=0.02, dtype=np.float32):
 
 def zeros_like(params):
     """A grads dict: zeros with the keys, shapes and dtypes (and array library) of params. zeros_like writes the zeros
-    without reading the params, where params * 0 read them too (3.4 ms of a one-core step of the small preset)."""
+    without reading the params, where params * 0 read them too (3.4 ms of a one-core step of the small preset). For
+    params that are views of one buffer (flat.py) the grads are too, laid out alike."""
+    if isinstance(params, flat.FlatDict) and params.intact():
+        return flat.zeros_like(params)
     return {k: get_xp(v).zeros_like(v) for k, v in params.items()}

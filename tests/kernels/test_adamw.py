@@ -103,3 +103,60 @@ def test_adamw_runs_on_the_calling_thread_alone_and_restores_its_setting(monkeyp
         assert_close(s_ker.m[k], s_ref.m[k], name=f"m[{k}]")
         assert_close(s_ker.v[k], s_ref.v[k], name=f"v[{k}]")
         assert_close(mine[k], params[k], name=k)
+
+
+@KERNEL_SETTINGS
+@given(seed=SEEDS, dtype=DTYPES, mag=MAGNITUDES, n=st.integers(1, 300), scale=st.sampled_from([1.0, 0.37]))
+def test_flat_params_update_in_one_call_as_tensor_by_tensor(seed, dtype, mag, n, scale):
+    """Params, grads and moments as views of one buffer each (optim.flatten) take the kernels' one-call paths: the
+    update is the per-tensor kernel's to the bit (the same arithmetic on each entry, the decayed part and the rest
+    with their own constants), and the global norm the reference's up to the order of the additions."""
+    from minielectra import flat
+    from minielectra.nn import zeros_like
+
+    rng = np.random.default_rng(seed)
+    shapes = {"layer.dense.weight": (n, 3), "layer.dense.bias": (3,), "layer.LayerNorm.weight": (n,),
+              "embeddings.word_embeddings.weight": (n + 2, 2)}
+    params = {k: (rng.standard_normal(s) * mag).astype(dtype) for k, s in shapes.items()}
+    state = ref.adamw_init(params)
+    fp, fstate = ref.flatten(params, ref.adamw_init(params))
+    config = TrainConfig(weight_decay=0.1)
+    calls = []
+    real = ker._adamw_flat
+
+    def spy(*args):
+        calls.append(args[0].size)
+        return real(*args)
+
+    for step in range(3):
+        grads = {k: (rng.standard_normal(s) * mag).astype(dtype) for k, s in shapes.items()}
+        fgrads = zeros_like(fp)
+        for k in grads:
+            fgrads[k] += grads[k]
+        assert flat.buffers(fp, fgrads, fstate.m, fstate.v) is not None
+        norm, _ = ker.clip_scale(fgrads, 1.0)
+        norm_ref, _ = ref.clip_scale(grads, 1.0)
+        assert abs(norm - norm_ref) <= fp.buffer.size * np.finfo(np.float64).eps * norm_ref
+        ker.adamw_step(params, grads, state, 1e-2, config, grad_scale=scale)
+        ker._adamw_flat = spy
+        try:
+            ker.adamw_step(fp, fgrads, fstate, 1e-2, config, grad_scale=scale)
+        finally:
+            ker._adamw_flat = real
+    assert calls == [fp.layout.split, fp.buffer.size - fp.layout.split] * 3  # two calls a step, not one per tensor
+    assert fstate.step == state.step == 3
+    for k in shapes:
+        assert np.array_equal(fp[k], params[k]) and np.array_equal(fstate.m[k], state.m[k])
+        assert np.array_equal(fstate.v[k], state.v[k])
+
+
+def test_a_flat_dict_with_a_replaced_entry_is_updated_tensor_by_tensor():
+    """After params[k] = new_array the buffer no longer holds params[k]: the kernel must update the new array."""
+    params = {"w": np.ones(4, np.float32), "b": np.ones(2, np.float32)}
+    fp, fstate = ref.flatten(params, ref.adamw_init(params))
+    fp["w"] = np.ones(4, np.float32)
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    ker.adamw_step(fp, grads, fstate, 0.1, TrainConfig())
+    ref.adamw_step(params, grads, ref.adamw_init(params), 0.1, TrainConfig())
+    for k in params:
+        assert_close(fp[k], params[k], name=k)
