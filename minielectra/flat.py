@@ -15,6 +15,7 @@ every run. The optimizer puts the keys that take weight decay first (optim.flatt
 boundary.
 """
 
+import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -43,7 +44,7 @@ class FlatDict(dict):
 
     def intact(self):
         """True while every key holds the view it was made with (and no key was added or removed)."""
-        return len(self) == len(self._views) and all(dict.__getitem__(self, k) is v for k, v in self._views.items())
+        return len(self) == len(self._views) and all(map(operator.is_, self.values(), self._views.values()))
 
 
 def layout_of(params, last):

@@ -18,7 +18,7 @@ from typing import NamedTuple
 from minielectra.backend import dispatch, get_xp
 from minielectra.ops import checks
 from minielectra.ops.dropout import DropoutCache, draw_seed, drop_threshold, dropout_backward, hashed_keep_mask
-from minielectra.ops.linear import linear_backward, linear_forward
+from minielectra.ops.linear import linear_backward, project
 from minielectra.ops.softmax import softmax_backward, softmax_forward
 
 
@@ -129,13 +129,13 @@ def mha_forward(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, mask=None, n_heads=1, p_drop=
         checks.param(name, p, (C, C), "(C, C)")
     for name, p in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)):
         checks.param(name, p, (C,), "(C,)")
-    q, q_cache = linear_forward(x, Wq, bq)  # (B, T, C)
-    k, k_cache = linear_forward(x, Wk, bk)
-    v, v_cache = linear_forward(x, Wv, bv)
+    q, q_cache = project(x, Wq, bq)  # (B, T, C)
+    k, k_cache = project(x, Wk, bk)
+    v, v_cache = project(x, Wv, bv)
     attention = dispatch("attention_forward", x)
     a, a_cache = attention(_split_heads(q, n_heads), _split_heads(k, n_heads), _split_heads(v, n_heads),
                            mask, p_drop, rng)  # (B, H, T, D)
-    out, o_cache = linear_forward(_merge_heads(a), Wo, bo)  # (B, T, C)
+    out, o_cache = project(_merge_heads(a), Wo, bo)  # (B, T, C)
     return out, MHACache(q_cache, k_cache, v_cache, a_cache, o_cache, n_heads)
 
 
