@@ -217,6 +217,11 @@ def active_backend():
 # The ops a kernel may replace, by the reference module that defines them; a kernel module carries the reference
 # module's file name (kernels/numba_cpu/attention.py replaces minielectra/ops/attention.py).
 _OP_MODULES = {
+    "matmul_forward": "minielectra.ops.linear",
+    "matmul_backward": "minielectra.ops.linear",
+    "linear_forward": "minielectra.ops.linear",
+    "linear_backward": "minielectra.ops.linear",
+    "project": "minielectra.ops.linear",
     "attention_forward": "minielectra.ops.attention",
     "attention_backward": "minielectra.ops.attention",
     "layernorm_forward": "minielectra.ops.layernorm",

@@ -28,7 +28,6 @@ from minielectra.nn.encoder import (dense_backward, dense_forward, electra_encod
                                     embeddings_shapes, encoder_shapes)
 from minielectra.ops import checks
 from minielectra.ops.dropout import dropout_backward, dropout_forward
-from minielectra.ops.linear import matmul_backward, matmul_forward
 
 ENCODER = f"{DISC}.electra"  # the encoder's own parameters; the embeddings live under EMB (also inside this prefix)
 HEAD = "classifier"
@@ -118,7 +117,7 @@ def forward(params, batch, config: ElectraConfig, num_labels, rng=None, train=Fa
                                      rng)  # (B, T, C)
     x = h[:, 0]  # (B, C): the [CLS] vector; no pooler, as ELECTRA
     x, drop1 = dropout_forward(x, p, rng, train)
-    x, dense = matmul_forward(x, params[f"{HEAD}.dense.weight"])  # (B, C)
+    x, dense = dispatch("matmul_forward", x)(x, params[f"{HEAD}.dense.weight"])  # (B, C)
     x, gelu = dispatch("bias_gelu_forward", x)(x, params[f"{HEAD}.dense.bias"])
     x, drop2 = dropout_forward(x, p, rng, train)
     logits, out = dense_forward(params, f"{HEAD}.out_proj", x)  # (B, labels)
@@ -140,7 +139,7 @@ def backward(params, cache: ClassifierCache, dlogits=None):
     dx = dropout_backward(dx, cache.drop2)
     dx, db = dispatch("bias_gelu_backward", dx)(dx, cache.gelu)  # inverts `gelu(x @ W + b)`
     grads[f"{HEAD}.dense.bias"] += db
-    dx, dW = matmul_backward(dx, cache.dense)
+    dx, dW = dispatch("matmul_backward", dx)(dx, cache.dense)
     grads[f"{HEAD}.dense.weight"] += dW
     dx = dropout_backward(dx, cache.drop1)
     dh = get_xp(dx).zeros(cache.shape, dtype=dx.dtype)  # (B, T, C): only the [CLS] position feeds the head

@@ -33,12 +33,18 @@ def sources(package=Path(__file__).parent):
     return sorted(package.glob("*.py")) + sorted(ops.glob("*.py"))
 
 
-def drop_stale_caches(package=Path(__file__).parent, files=None):
+def drop_stale_caches(package=Path(__file__).parent, files=None, blas=None):
     """Delete the Numba caches (*.nbi, *.nbc) in package/__pycache__ unless they were compiled from the current
-    `files` (default: sources()), and record their digest. Does nothing where __pycache__ cannot be written (Numba
-    then caches elsewhere or not at all)."""
+    `files` (default: sources()) against the same BLAS (default: _blas.LIBRARY, which sets how the kernels call it),
+    and record their digest. Does nothing where __pycache__ cannot be written (Numba then caches elsewhere or not at
+    all)."""
     files = sources(package) if files is None else files
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+    if blas is None:
+        try:
+            from kernels.numba_cpu._blas import LIBRARY as blas
+        except ImportError:  # no numba: nothing is compiled, nothing cached is used
+            return
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files) + blas.encode()).hexdigest()
     cache = package / "__pycache__"
     stamp = cache / STAMP
     try:

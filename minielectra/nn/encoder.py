@@ -12,7 +12,6 @@ from minielectra.backend import dispatch
 from minielectra.ops import checks
 from minielectra.ops.attention import mha_backward, mha_forward
 from minielectra.ops.embedding import embedding_forward
-from minielectra.ops.linear import linear_backward, linear_forward, matmul_backward, matmul_forward
 
 
 class EncoderDims(NamedTuple):
@@ -95,11 +94,11 @@ def add_norm_backward(dout, cache, grads, prefix):
 
 def dense_forward(params, prefix, x):
     """The linear layer `<prefix>.weight` (in, out) / `<prefix>.bias`."""
-    return linear_forward(x, params[f"{prefix}.weight"], params[f"{prefix}.bias"])
+    return dispatch("linear_forward", x)(x, params[f"{prefix}.weight"], params[f"{prefix}.bias"])
 
 
 def dense_backward(dout, cache, grads, prefix):
-    dx, dW, db = linear_backward(dout, cache)
+    dx, dW, db = dispatch("linear_backward", dout)(dout, cache)
     grads[f"{prefix}.weight"] += dW
     grads[f"{prefix}.bias"] += db
     return dx
@@ -161,7 +160,7 @@ def layer_forward(params, prefix, x, mask, d, train=False, rng=None):
         P("attention.output.dense.weight"), P("attention.output.dense.bias"),
         mask, d.num_heads, d.attention_dropout if train else 0.0, rng)  # (B, T, C)
     a, attn_ln = add_norm_forward(params, f"{prefix}.attention.output.LayerNorm", att, x, d, train, rng)
-    h, inter = matmul_forward(a, P("intermediate.dense.weight"))  # (B, T, F)
+    h, inter = dispatch("matmul_forward", a)(a, P("intermediate.dense.weight"))  # (B, T, F)
     h, gelu = dispatch("bias_gelu_forward", h)(h, P("intermediate.dense.bias"))
     f, out = dense_forward(params, f"{prefix}.output.dense", h)  # (B, T, C)
     y, out_ln = add_norm_forward(params, f"{prefix}.output.LayerNorm", f, a, d, train, rng)
@@ -174,7 +173,7 @@ def layer_backward(dout, cache, grads, prefix):
     dh = dense_backward(df, cache.out, grads, f"{prefix}.output.dense")  # (B, T, F)
     dh, db1 = dispatch("bias_gelu_backward", dh)(dh, cache.gelu)
     grads[f"{prefix}.intermediate.dense.bias"] += db1
-    da, dW1 = matmul_backward(dh, cache.inter)
+    da, dW1 = dispatch("matmul_backward", dh)(dh, cache.inter)
     grads[f"{prefix}.intermediate.dense.weight"] += dW1
     da += da_residual  # the residual a -> a + f
     datt, dx_residual = add_norm_backward(da, cache.attn_ln, grads, f"{prefix}.attention.output.LayerNorm")

@@ -9,7 +9,6 @@ from typing import NamedTuple
 
 from minielectra.backend import dispatch
 from minielectra.nn.encoder import dense_forward, dense_backward, norm_forward, norm_backward
-from minielectra.ops.linear import linear_forward, matmul_backward, matmul_forward
 
 
 def generator_head_shapes(prefix, hidden, embedding_size, vocab_size):
@@ -44,10 +43,11 @@ def generator_head_forward(params, prefix, table_key, h, eps):
     dense (C -> E) -> GELU -> LayerNorm -> x @ table.T + bias, where table (V, E) = params[table_key] is the shared
     word-embedding table: the LM head reads words out with the same vectors the embeddings read them in with.
     """
-    x, dense = matmul_forward(h, params[f"{prefix}.generator_predictions.dense.weight"])  # (N, E)
+    x, dense = dispatch("matmul_forward", h)(h, params[f"{prefix}.generator_predictions.dense.weight"])  # (N, E)
     x, gelu = dispatch("bias_gelu_forward", x)(x, params[f"{prefix}.generator_predictions.dense.bias"])
     x, ln = norm_forward(params, f"{prefix}.generator_predictions.LayerNorm", x, eps)
-    logits, lm = linear_forward(x, params[table_key].T, params[f"{prefix}.generator_lm_head.bias"])  # (N, V)
+    logits, lm = dispatch("linear_forward", x)(x, params[table_key].T,
+                                               params[f"{prefix}.generator_lm_head.bias"])  # (N, V)
     return logits, GeneratorHeadCache(dense, gelu, ln, lm)
 
 
@@ -62,7 +62,7 @@ def generator_head_backward(dlogits, cache, grads, prefix, table_key):
     dx = norm_backward(dx, cache.ln, grads, f"{prefix}.generator_predictions.LayerNorm")
     dx, db = dispatch("bias_gelu_backward", dx)(dx, cache.gelu)
     grads[f"{prefix}.generator_predictions.dense.bias"] += db
-    dh, dW = matmul_backward(dx, cache.dense)
+    dh, dW = dispatch("matmul_backward", dx)(dx, cache.dense)
     grads[f"{prefix}.generator_predictions.dense.weight"] += dW
     return dh
 
@@ -75,7 +75,7 @@ class DiscriminatorHeadCache(NamedTuple):
 
 def discriminator_head_forward(params, prefix, h):
     """h (B, T, C) -> one logit per token (B, T): dense (C -> C) -> GELU -> dense (C -> 1). logit > 0 means 'replaced'."""
-    x, dense = matmul_forward(h, params[f"{prefix}.discriminator_predictions.dense.weight"])  # (B, T, C)
+    x, dense = dispatch("matmul_forward", h)(h, params[f"{prefix}.discriminator_predictions.dense.weight"])  # (B, T, C)
     x, gelu = dispatch("bias_gelu_forward", x)(x, params[f"{prefix}.discriminator_predictions.dense.bias"])
     logits, pred = dense_forward(params, f"{prefix}.discriminator_predictions.dense_prediction", x)  # (B, T, 1)
     return logits[..., 0], DiscriminatorHeadCache(dense, gelu, pred)
@@ -86,6 +86,6 @@ def discriminator_head_backward(dlogits, cache, grads, prefix):
     dx = dense_backward(dlogits[..., None], cache.pred, grads, f"{prefix}.discriminator_predictions.dense_prediction")
     dx, db = dispatch("bias_gelu_backward", dx)(dx, cache.gelu)
     grads[f"{prefix}.discriminator_predictions.dense.bias"] += db
-    dh, dW = matmul_backward(dx, cache.dense)
+    dh, dW = dispatch("matmul_backward", dx)(dx, cache.dense)
     grads[f"{prefix}.discriminator_predictions.dense.weight"] += dW
     return dh

@@ -18,7 +18,6 @@ from typing import NamedTuple
 from minielectra.backend import dispatch, get_xp
 from minielectra.ops import checks
 from minielectra.ops.dropout import DropoutCache, draw_seed, drop_threshold, dropout_backward, hashed_keep_mask
-from minielectra.ops.linear import linear_backward, project
 from minielectra.ops.softmax import softmax_backward, softmax_forward
 
 
@@ -129,6 +128,7 @@ def mha_forward(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, mask=None, n_heads=1, p_drop=
         checks.param(name, p, (C, C), "(C, C)")
     for name, p in (("bq", bq), ("bk", bk), ("bv", bv), ("bo", bo)):
         checks.param(name, p, (C,), "(C,)")
+    project = dispatch("project", x)
     q, q_cache = project(x, Wq, bq)  # (B, T, C)
     k, k_cache = project(x, Wk, bk)
     v, v_cache = project(x, Wv, bv)
@@ -141,6 +141,7 @@ def mha_forward(x, Wq, bq, Wk, bk, Wv, bv, Wo, bo, mask=None, n_heads=1, p_drop=
 
 def mha_backward(dout, cache):
     """Inverts mha_forward -> (dx, dWq, dbq, dWk, dbk, dWv, dbv, dWo, dbo); x fed Q, K and V, so dx sums three paths."""
+    linear_backward = dispatch("linear_backward", dout)
     da, dWo, dbo = linear_backward(dout, cache.o)  # (B, T, C)
     H = cache.n_heads
     dq, dk, dv = dispatch("attention_backward", dout)(_split_heads(da, H), cache.attn)  # (B, H, T, D) each

@@ -509,7 +509,7 @@ def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch, runt
     used = set()
 
     def dispatch(op, *arrays):  # as backend.dispatch on a GPU: the CUDA kernel where there is one, else the reference
-        kernels = importlib.import_module("kernels.cupy_gpu." + backend._OP_MODULES[op].rsplit(".", 1)[1])
+        kernels = backend._kernel_module("kernels.cupy_gpu", backend._OP_MODULES[op])
         if not hasattr(kernels, op):
             return getattr(importlib.import_module(backend._OP_MODULES[op]), op)
         used.add(op)

@@ -27,6 +27,8 @@ def numba_backend():
 
 # The ops kernels/numba_cpu covers, by kernel module: every op backend._OP_MODULES lists.
 KERNEL_OPS = {
+    "matmul_forward": "linear", "matmul_backward": "linear", "linear_forward": "linear", "linear_backward": "linear",
+    "project": "linear",
     "attention_forward": "attention", "attention_backward": "attention",
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
     "dropout_add_layernorm_forward": "layernorm", "dropout_add_layernorm_backward": "layernorm",
