@@ -2,20 +2,20 @@
 linear_backward).
 
 The products stay BLAS's: `_blas.gemm` calls the sgemm/dgemm that NumPy's matmul calls. What the kernels fuse is what
-sits around them:
-- the bias: the output starts as b in every row and BLAS adds x @ W into it (beta = 1), where the reference writes
-  x @ W and then adds b in a second pass over (N, OC) (BLAS writes the output once either way: with beta = 0 it clears
-  it first);
-- the backward's three products in one call: dx = dout @ W.T, dW = x.T @ dout and db, the sum of dout's rows (a loop
-  that adds row after row in float64, SIMD across the row), where the reference makes three NumPy calls.
-One Numba call per op, where the reference makes two to four NumPy calls and the reshapes around them: in the sharded
-step each call is a moment where a thread gives up Python's lock and must win it back (parallel.py), and the tiny
-preset makes 105 linear ops a shard-step. Tiny preset, 2-core step (batch 32 x 128), alternating the reference and
-these kernels in one process, three runs: 0.4, 2.1 and 0.6 ms faster (of 115-119). A transposed W (the tied LM head's table.T) is read where it lies, with the
+sits around them: the forward adds the bias in the same call, right after BLAS has written the product; the backward
+computes dx = dout @ W.T, dW = x.T @ dout and db, the sum of dout's rows (a loop that adds row after row in float64,
+SIMD across the row), in one call. A transposed W (the tied LM head's table.T) is read where it lies, with BLAS's
 transposition flag, not copied.
 
-The results are the reference's up to rounding: the bias joins the sum inside BLAS instead of after it, and db is
-summed in float64 where the reference's GEMV sums in the input dtype.
+Why: one Numba call per op, where the reference makes two to four NumPy calls and the reshapes around them. In the
+sharded step each call is a moment where a thread gives up Python's lock and must win it back (parallel.py), and the
+tiny preset makes 105 linear ops a shard-step. Tiny preset, 2-core step (batch 32 x 128), alternating the reference
+and these kernels in one process, three runs: 0.4, 2.1 and 0.6 ms faster a step (of 115-119). Adding the bias inside
+BLAS instead (the output set to b, then beta = 1) was slower: BLAS then reads the output back, 0.395 ms against 0.29
+for a (2048, 128) x (128, 128) product on one core.
+
+The results are the reference's up to rounding: db is summed in float64 where the reference's GEMV sums in the input
+dtype.
 """
 
 import math
