@@ -246,6 +246,7 @@ def _op_cases(config: ElectraConfig, train, batch_size, seq_len, rng, xp=np):
     ids = ints(V, (B, T))
     params = {"w": r(C, F), "b.bias": r(F)}
     return [
+        ("linear fwd+bwd (FFN)", ("linear_forward", "linear_backward"), (r(B, T, C), r(C, F), r(F)), r(B, T, F)),
         ("attention fwd+bwd", ("attention_forward", "attention_backward"),
          (r(B, H, T, D), r(B, H, T, D), r(B, H, T, D), mask, config.attention_probs_dropout_prob,
           np.random.default_rng(0)), r(B, H, T, D)),
