@@ -69,11 +69,10 @@ _blas_limit = [None]  # the thread count the innermost limit_blas in force set; 
 def limit_blas(threads):
     """A context in which BLAS runs on `threads` threads. The libraries are looked up once: threadpoolctl's
     threadpool_limits looks them up on every call (0.6 ms, twice a training step; a kept controller's limit takes 8 us,
-    measured). SciPy's BLAS, which the Numba kernels call where NumPy's cannot be (kernels/numba_cpu/_blas.py), is loaded
-    first so that it is found with NumPy's. Inside a
-    limit to the same count it does nothing: the attention kernel asks for 1 thread on every call, and inside the
-    sharded step (_run) BLAS already has 1 per shard on a 2-core machine. (The limit is one setting of the whole
-    process, whichever thread sets it, as it always was.)"""
+    measured). SciPy's BLAS, which the Numba kernels call where NumPy's cannot be (kernels/numba_cpu/_blas.py), is
+    loaded first so that it is found with NumPy's. Inside a limit to the same count it does nothing: the attention
+    kernel asks for 1 thread on every call, and inside the sharded step (_run) BLAS already has 1 per shard on a
+    2-core machine. (The limit is one setting of the whole process, whichever thread sets it, as it always was.)"""
     if _blas_limit[0] == threads:
         yield
         return
