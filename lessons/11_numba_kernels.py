@@ -14,7 +14,7 @@
 # - how the Numba attention kernel is organised: one parallel iteration per (batch, head), blocks of query rows, a
 #   stable masked softmax in place, the reference's hashed dropout mask, memory linear in T, single-threaded BLAS
 #   inside the parallel loop;
-# - why `kernels.numba_cpu` sets `OMP_WAIT_POLICY=PASSIVE`;
+# - why `minielectra.kernels.numba_cpu` sets `OMP_WAIT_POLICY=PASSIVE`;
 # - how to check a float32 kernel against the reference, and how to time it (`minielectra.bench.bench_ops`);
 # - why two shards of a batch on two threads beat one batch on two cores, and how their gradients add up exactly;
 # - what the BLAS's GEMM kernels and the memory allocator do to a step's time, outside every kernel;
@@ -43,10 +43,10 @@ except ImportError:
     print("numba is not installed: this lesson needs it (pip install -e '.[numba]'). Nothing to run.")
     sys.exit(0)
 
-import kernels.numba_cpu  # noqa: F401  sets OMP_WAIT_POLICY before any parallel kernel runs (section 4)
-from kernels.numba_cpu import activations as k_act
-from kernels.numba_cpu import attention as k_attn
-from kernels.numba_cpu import layernorm as k_ln
+import minielectra.kernels.numba_cpu  # noqa: F401  sets OMP_WAIT_POLICY before any parallel kernel runs (section 4)
+from minielectra.kernels.numba_cpu import activations as k_act
+from minielectra.kernels.numba_cpu import attention as k_attn
+from minielectra.kernels.numba_cpu import layernorm as k_ln
 from minielectra import backend, bench, config
 from minielectra.ops import activations as ref_act
 from minielectra.ops import attention as ref_attn
@@ -226,8 +226,8 @@ print(f"attention kernel: out, probs, dq, dk, dv agree with the reference (dropo
 # spinning threads for the same few cores: measured on two cores, a (4096, 128) @ (128, 512) product right after a
 # tiny parallel kernel took 8.7 ms instead of 2.9 ms. `OMP_WAIT_POLICY=PASSIVE` makes the idle threads sleep at once
 # (3.2 ms). The setting is read once, when Numba starts its threads (at the first parallel loop, or the first
-# `numba.set_num_threads`), so `kernels.numba_cpu` sets it on import and `backend.set_backend("numba")` imports it
-# before anything else runs; a value you set yourself wins. Set too late, it is silently ignored: the training step's
+# `numba.set_num_threads`), so `minielectra.kernels.numba_cpu` sets it on import and `backend.set_backend("numba")`
+# imports it before anything else runs; a value you set yourself wins. Set too late, it is silently ignored: the training step's
 # shard threads call `numba.set_num_threads` before any kernel is imported, and until the backend did this, the tiny
 # preset's 2-core step ran with spinning threads, 126-131 ms instead of 118-120.
 

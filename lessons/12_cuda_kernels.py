@@ -32,8 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kernels.cupy_gpu import _common
-from kernels.cupy_gpu import attention as k_attn
+from minielectra.kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import attention as k_attn
 from minielectra import backend
 from minielectra.ops import attention as ref_attn
 from minielectra.ops.dropout import drop_threshold, hashed_keep_mask
@@ -304,7 +304,7 @@ else:
     else:
         print("nvcc is not on PATH (it comes with the CUDA toolkit): skipping the PTX compile")
     if shutil.which("g++"):
-        from kernels.cupy_gpu.emulator import EmulatorRuntime
+        from minielectra.kernels.cupy_gpu.emulator import EmulatorRuntime
 
         t0 = time.perf_counter()
         with _common.using(EmulatorRuntime()):

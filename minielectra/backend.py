@@ -18,6 +18,10 @@ _EXTRA = {"numba": "numba", "cupy": "cuda12' or '.[cuda13"}
 _active = None
 
 
+# The kernel package of each backend that has one. kernels/ sits at the top of the repository and is imported under
+# minielectra's name (setup.cfg says how).
+KERNEL_PACKAGES = {"numba": "minielectra.kernels.numba_cpu", "cupy": "minielectra.kernels.cupy_gpu"}
+
 # Device array types other than CuPy's, {type: DeviceModule}: the tests register a fake device (tests/fake_device.py)
 # here, so that the code paths CuPy arrays take run, and are checked for host transfers, on a machine without a GPU.
 _registered = {}
@@ -28,7 +32,7 @@ class DeviceModule(NamedTuple):
     the kernel package dispatch uses for its arrays (None: the reference ops)."""
     xp: object
     special: object
-    kernels: object = "kernels.cupy_gpu"
+    kernels: object = KERNEL_PACKAGES["cupy"]
 
 
 def register_device(array_type, module: DeviceModule):
@@ -203,7 +207,7 @@ def set_backend(name=None):
     if name == "numba":
         # Its package sets OpenMP's wait policy (see kernels/numba_cpu/__init__.py), which counts only if set before
         # Numba starts its threads: parallel._run sets their number before any kernel has been imported.
-        importlib.import_module("kernels.numba_cpu")
+        importlib.import_module(KERNEL_PACKAGES["numba"])
     _active = name
     _kernel_cache.clear()
     return name
@@ -255,7 +259,7 @@ _kernel_cache = {}
 
 def kernel_names():
     """The ops the active backend replaces with kernels (those whose kernel module exists and defines them)."""
-    package = {"numba": "kernels.numba_cpu", "cupy": "kernels.cupy_gpu"}.get(active_backend())
+    package = KERNEL_PACKAGES.get(active_backend())
     if package is None:
         return []
     return [op for op, ref in _OP_MODULES.items() if hasattr(_kernel_module(package, ref), op)]
@@ -268,7 +272,7 @@ def dispatch(op_name, *arrays):
     if device is not None:
         package = device.kernels
     elif active_backend() == "numba":
-        package = "kernels.numba_cpu"
+        package = KERNEL_PACKAGES["numba"]
     else:
         package = None
     key = (package, op_name)

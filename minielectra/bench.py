@@ -276,7 +276,7 @@ def bench_ops(config: ElectraConfig, train, batch_size, seq_len, repeats=10):
 
     rng = np.random.default_rng(0)
     xp = backend.array_module()
-    package = {"numba": "kernels.numba_cpu", "cupy": "kernels.cupy_gpu"}.get(backend.active_backend())
+    package = backend.KERNEL_PACKAGES.get(backend.active_backend())
     rows = []
     for name, ops, args, dout in _op_cases(config, train, batch_size, seq_len, rng, xp):
         def runner(fns):

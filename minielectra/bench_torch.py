@@ -42,7 +42,7 @@ def _import():
     without that setting, so that it runs as it would on its own: under PASSIVE its tiny-preset step took 360-369 ms
     against 304-308 (2 threads, separate processes).
     """
-    ours = sys.modules.get("kernels.numba_cpu")
+    ours = sys.modules.get("minielectra.kernels.numba_cpu")
     hide = ours is not None and ours.WAIT_POLICY_SET_HERE and "torch" not in sys.modules
     policy = os.environ.pop("OMP_WAIT_POLICY", None) if hide else None
     try:

@@ -9,8 +9,8 @@ A DeviceArray wraps a NumPy array but is not one, and behaves as a CuPy array do
   and is counted in `fakecupy.counts.syncs`; host-to-device copies (`fakecupy.asarray` of NumPy data) are counted in
   `counts.uploads`.
 `register(kernels=...)` makes minielectra.backend treat DeviceArrays as device arrays; with kernels=None dispatch keeps
-the reference ops, with "kernels.cupy_gpu" (inside `_common.using(DeviceEmulatorRuntime())`) the CUDA launchers run
-the .cu kernels on the CPU emulator.
+the reference ops, with "minielectra.kernels.cupy_gpu" (inside `_common.using(DeviceEmulatorRuntime())`) the CUDA
+launchers run the .cu kernels on the CPU emulator.
 """
 
 import contextlib
@@ -302,7 +302,7 @@ class DeviceEmulatorRuntime:
     xp = fakecupy
 
     def __init__(self):
-        from kernels.cupy_gpu.emulator import EmulatorRuntime
+        from minielectra.kernels.cupy_gpu.emulator import EmulatorRuntime
 
         self._emulator = EmulatorRuntime()
 

@@ -296,9 +296,9 @@ def test_checkpoints_move_between_device_and_host_runs(tmp_path, corpus, monkeyp
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU emulator needs g++ (C++20)")
 def test_cuda_launchers_on_device_arrays_read_nothing_on_the_host():
-    """The whole step with every dispatched op on the kernels.cupy_gpu launchers (the .cu kernels on the CPU
-    emulator), on device arrays: no host reads, and the reference step's numbers within float32 rounding."""
-    from kernels.cupy_gpu import _common
+    """The whole step with every dispatched op on the minielectra.kernels.cupy_gpu launchers (the .cu kernels on the
+    CPU emulator), on device arrays: no host reads, and the reference step's numbers within float32 rounding."""
+    from minielectra.kernels.cupy_gpu import _common
 
     config = dataclasses.replace(CONFIG, vocab_size=200, num_hidden_layers=1, max_position_embeddings=24)
     params = electra.init_model(config, np.random.default_rng(0))
@@ -309,7 +309,7 @@ def test_cuda_launchers_on_device_arrays_read_nothing_on_the_host():
     dparams = fd.to_device(params)
     state = adamw_init(params)
     adamw_step(params, ref_grads, state, 1e-3, TC, grad_scale=clip_scale(ref_grads, TC.max_grad_norm)[1])
-    with fd.register(kernels="kernels.cupy_gpu"), _common.using(fd.DeviceEmulatorRuntime()):
+    with fd.register(kernels="minielectra.kernels.cupy_gpu"), _common.using(fd.DeviceEmulatorRuntime()):
         dstate = adamw_init(dparams)
         with fd.no_syncs("a step on the CUDA launchers"):
             out = electra.forward(dparams, (ids, mask), config, np.random.default_rng(3), train=False,
@@ -318,7 +318,8 @@ def test_cuda_launchers_on_device_arrays_read_nothing_on_the_host():
             adamw = backend.dispatch("adamw_step", dparams[electra.WORDS])
             adamw(dparams, grads, dstate, 1e-3, TC, grad_scale=clip_scale(grads, TC.max_grad_norm)[1])
         for op in ("attention_forward", "softmax_cross_entropy", "adamw_step"):
-            assert backend.dispatch(op, dparams[electra.WORDS]).__module__.startswith("kernels.cupy_gpu."), op
+            kernel = backend.dispatch(op, dparams[electra.WORDS])
+            assert kernel.__module__.startswith("minielectra.kernels.cupy_gpu."), op
         losses, metrics = backend.host_values(out.losses), backend.host_values(out.metrics)
     for k in ref.losses:
         assert losses[k] == pytest.approx(ref.losses[k], rel=1e-5), k

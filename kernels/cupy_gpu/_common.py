@@ -145,6 +145,6 @@ def require_device_arrays(fn, reference, **arrays):
     rt = runtime()
     for name, a in arrays.items():
         if a is not None and not rt.accepts(a):
-            raise TypeError(f"kernels.cupy_gpu {fn}: {name} is a {type(a).__module__}.{type(a).__name__}, but the "
-                            f"CUDA kernels take CuPy arrays; call {reference} for NumPy arrays, or move the data to "
+            raise TypeError(f"minielectra.kernels.cupy_gpu {fn}: {name} is a "
+                            f"{type(a).__module__}.{type(a).__name__}, but the CUDA kernels take CuPy arrays; call {reference} for NumPy arrays, or move the data to "
                             "the GPU with cupy.asarray")

@@ -7,7 +7,7 @@ backward writes dx and per-block partial sums of it in one pass; db is their sum
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 from minielectra.ops import checks
 from minielectra.ops.activations import BiasGeluCache, GeluCache
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 from minielectra.backend import get_xp
 from minielectra.ops import attention as _reference
 from minielectra.ops import checks

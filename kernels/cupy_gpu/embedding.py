@@ -8,7 +8,7 @@ float64.
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 from minielectra.ops import checks
 
 THREADS = 256

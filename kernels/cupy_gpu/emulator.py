@@ -6,7 +6,7 @@ and the threads of a block run as real OS threads (ctypes releases the GIL), mee
 __syncthreads and the warp shuffles. It runs the launchers of kernels/cupy_gpu unchanged on NumPy arrays:
 
     with _common.using(EmulatorRuntime()):
-        out, cache = kernels.cupy_gpu.attention.attention_forward(q, k, v, mask)   # NumPy arrays in and out
+        out, cache = minielectra.kernels.cupy_gpu.attention.attention_forward(q, k, v, mask)   # NumPy arrays in and out
 
 `EmulatorRuntime(fused=True)` builds the kernels with multiply-adds fused into fma instructions (needs a CPU with
 them), as NVRTC builds them for the GPU: the tests run on both, so a kernel whose result hangs on a product rounded on
@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 
 DEADLOCK_SECONDS = 60.0
 

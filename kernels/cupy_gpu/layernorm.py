@@ -13,7 +13,7 @@ the embeddings' end dropout(LN(x)).
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.layernorm import (LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, NormDropoutCache,

@@ -10,7 +10,7 @@ float32 and float64.
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 from minielectra.ops import checks
 from minielectra.ops.losses import check_sigmoid_ce_args, check_softmax_ce_args, mean_loss, weight_total
 

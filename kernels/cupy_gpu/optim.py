@@ -13,7 +13,7 @@ kernels/numba_cpu/optim.py does).
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 from minielectra.optim import _check_matching, no_decay, norm_and_scale
 
 CHUNK = 8192  # elements per block

@@ -9,7 +9,7 @@ are that close.
 
 import numpy as np
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 from minielectra.ops.dropout import draw_seed
 from minielectra.ops.softmax import check_gumbel_args
 

@@ -41,7 +41,7 @@ def drop_stale_caches(package=Path(__file__).parent, files=None, blas=None):
     files = sources(package) if files is None else files
     if blas is None:
         try:
-            from kernels.numba_cpu._blas import LIBRARY as blas
+            from minielectra.kernels.numba_cpu._blas import LIBRARY as blas
         except ImportError:  # no numba: nothing is compiled, nothing cached is used
             return
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files) + blas.encode()).hexdigest()

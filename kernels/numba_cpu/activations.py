@@ -15,8 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import (CONTRACT, _HALF32, _ONE32, _reinterpret, as_2d, exp_float32_sum, float_dtype,
-                                       horner, n_chunks)
+from minielectra.kernels.numba_cpu._common import (CONTRACT, _HALF32, _ONE32, _reinterpret, as_2d, exp_float32_sum,
+                                                   float_dtype, horner, n_chunks)
 from minielectra.ops import checks
 from minielectra.ops.activations import BiasGeluCache, bias_gelu_backward as _reference_backward
 

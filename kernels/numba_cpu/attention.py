@@ -36,8 +36,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._blas import gemm
-from kernels.numba_cpu._common import exp, float_dtype, keep_row, row_dot, row_max, row_sum
+from minielectra.kernels.numba_cpu._blas import gemm
+from minielectra.kernels.numba_cpu._common import exp, float_dtype, keep_row, row_dot, row_max, row_sum
 from minielectra.ops import checks
 from minielectra.ops import dropout as _dropout
 from minielectra.ops.attention import AttentionCache, attention_backward as _reference_backward, check_attention_args, key_mask

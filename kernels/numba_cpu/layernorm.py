@@ -18,7 +18,7 @@ where it is written; its backward rebuilds the row's dy through the mask in a sc
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import ONE_U64, REDUCE, as_2d, float_dtype, keep, n_chunks, row_sum
+from minielectra.kernels.numba_cpu._common import ONE_U64, REDUCE, as_2d, float_dtype, keep, n_chunks, row_sum
 from minielectra.ops import checks
 from minielectra.ops.layernorm import (LAYER_NORM_EPS, DropoutAddNormCache, LayerNormCache, NormDropoutCache,
                                       dropout_add_setup, layernorm_dropout_setup)

@@ -23,8 +23,8 @@ import math
 import numpy as np
 from numba import njit
 
-from kernels.numba_cpu._blas import gemm
-from kernels.numba_cpu._common import float_dtype
+from minielectra.kernels.numba_cpu._blas import gemm
+from minielectra.kernels.numba_cpu._common import float_dtype
 from minielectra.ops.linear import LinearCache, _check_matmul
 from minielectra.ops import checks
 

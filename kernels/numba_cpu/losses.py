@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import exp, row_max, row_sum
+from minielectra.kernels.numba_cpu._common import exp, row_max, row_sum
 from minielectra.ops.losses import as_weights, check_sigmoid_ce_args, check_softmax_ce_args
 
 

@@ -32,7 +32,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import n_chunks
+from minielectra.kernels.numba_cpu._common import n_chunks
 from minielectra import flat
 from minielectra.optim import _check_matching, no_decay, norm_and_scale
 

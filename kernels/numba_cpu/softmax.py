@@ -19,7 +19,7 @@ The tests allow exactly that.
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_cpu._common import ONE_U64, hash_bits, log_float32, row_max
+from minielectra.kernels.numba_cpu._common import ONE_U64, hash_bits, log_float32, row_max
 from minielectra.ops.dropout import HASH_KEEP_BITS, draw_seed
 from minielectra.ops.softmax import GUMBEL_GUARD, check_gumbel_args
 

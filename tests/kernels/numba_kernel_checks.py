@@ -11,8 +11,8 @@ the test passes the floor explicitly as the magnitude of the terms: the same for
 3 ulps. eps is float32's 1.2e-7 or float64's 2.2e-16, so float64 runs are held to float64 precision.
 
 This directory has no __init__.py on purpose: as a package it would be named `kernels` (tests/ itself is not a
-package) and shadow the project's `kernels` package. pytest's default import mode puts this folder on sys.path, which is
-how the test modules import this helper.
+package) and shadow Hugging Face's package of that name, which transformers imports. pytest's default import mode puts
+this folder on sys.path, which is how the test modules import this helper.
 """
 
 import numpy as np

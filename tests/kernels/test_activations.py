@@ -9,7 +9,7 @@ pytest.importorskip("numba")
 
 from minielectra.gradcheck import check_op, format_table  # noqa: E402
 from minielectra.ops import activations as ref  # noqa: E402
-from kernels.numba_cpu import activations as ker  # noqa: E402
+from minielectra.kernels.numba_cpu import activations as ker  # noqa: E402
 from numba_kernel_checks import (DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close,  # noqa: E402
                                  gelu_backward_floor, gelu_floor, noncontiguous)
 

@@ -12,7 +12,7 @@ pytest.importorskip("numba")
 
 from minielectra import optim as ref  # noqa: E402
 from minielectra.config import TrainConfig  # noqa: E402
-from kernels.numba_cpu import optim as ker  # noqa: E402
+from minielectra.kernels.numba_cpu import optim as ker  # noqa: E402
 from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, MAGNITUDES, SEEDS, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.numba

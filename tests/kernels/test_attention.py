@@ -24,7 +24,7 @@ numba = pytest.importorskip("numba")
 from minielectra.gradcheck import check_op, format_table  # noqa: E402
 from minielectra.ops import attention as ref  # noqa: E402
 from minielectra.ops.dropout import drop_threshold, hashed_keep_mask  # noqa: E402
-from kernels.numba_cpu import attention as ker  # noqa: E402
+from minielectra.kernels.numba_cpu import attention as ker  # noqa: E402
 from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, SEEDS, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.numba

@@ -13,8 +13,8 @@ pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 from scipy.special import ndtr  # noqa: E402
 
-from kernels.numba_cpu._common import CONTRACT, exp, exp_float32_sum, log_float32  # noqa: E402
-from kernels.numba_cpu.activations import normal_cdf_and_slope32  # noqa: E402
+from minielectra.kernels.numba_cpu._common import CONTRACT, exp, exp_float32_sum, log_float32  # noqa: E402
+from minielectra.kernels.numba_cpu.activations import normal_cdf_and_slope32  # noqa: E402
 
 pytestmark = pytest.mark.numba
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import _common
 
 SOURCES = sorted(p.name for p in _common.HERE.glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")
@@ -53,7 +53,7 @@ def test_nvrtc_compiles_with_the_launcher_options(source):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed (the CPU emulator needs it)")
 @pytest.mark.parametrize("source", SOURCES)
 def test_emulator_builds(source):
-    from kernels.cupy_gpu import emulator
+    from minielectra.kernels.cupy_gpu import emulator
 
     assert emulator.library(pathlib.Path(source).stem) is not None
 

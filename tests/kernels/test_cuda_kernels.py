@@ -19,15 +19,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kernels.cupy_gpu import _common
-from kernels.cupy_gpu import activations as kg
-from kernels.cupy_gpu import attention as ka
-from kernels.cupy_gpu import embedding as ke
-from kernels.cupy_gpu import layernorm as kl
-from kernels.cupy_gpu import losses as kls
-from kernels.cupy_gpu import optim as ko
-from kernels.cupy_gpu import softmax as ksm
-from kernels.cupy_gpu.emulator import EmulatorRuntime, fma_usable
+from minielectra.kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import activations as kg
+from minielectra.kernels.cupy_gpu import attention as ka
+from minielectra.kernels.cupy_gpu import embedding as ke
+from minielectra.kernels.cupy_gpu import layernorm as kl
+from minielectra.kernels.cupy_gpu import losses as kls
+from minielectra.kernels.cupy_gpu import optim as ko
+from minielectra.kernels.cupy_gpu import softmax as ksm
+from minielectra.kernels.cupy_gpu.emulator import EmulatorRuntime, fma_usable
 from minielectra import backend
 from minielectra import optim as ref_optim
 from minielectra.config import TrainConfig
@@ -490,8 +490,8 @@ def test_cupy_step_matches_numpy_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", [p for p in RUNTIMES if p.values[0].startswith("emulator")])
 def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch, runtime):
-    """Every dispatched op of a whole ELECTRA step routed to the kernels.cupy_gpu launchers on the CPU emulator:
-    checks that the launchers fit the model (views, shapes, caches, dtypes) the way the GPU run will use them, and
+    """Every dispatched op of a whole ELECTRA step routed to the minielectra.kernels.cupy_gpu launchers on the CPU
+    emulator: checks that the launchers fit the model (views, shapes, caches, dtypes) the way the GPU run will use them, and
     the AdamW kernel on the step's gradients, as test_cupy_step_matches_numpy_step does on a GPU."""
     import importlib
 
@@ -509,7 +509,7 @@ def test_emulated_kernels_in_a_whole_step_match_the_numpy_step(monkeypatch, runt
     used = set()
 
     def dispatch(op, *arrays):  # as backend.dispatch on a GPU: the CUDA kernel where there is one, else the reference
-        kernels = backend._kernel_module("kernels.cupy_gpu", backend._OP_MODULES[op])
+        kernels = backend._kernel_module("minielectra.kernels.cupy_gpu", backend._OP_MODULES[op])
         if not hasattr(kernels, op):
             return getattr(importlib.import_module(backend._OP_MODULES[op]), op)
         used.add(op)

@@ -8,13 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from kernels.cupy_gpu import _common
-from kernels.cupy_gpu import activations as kg
-from kernels.cupy_gpu import attention as ka
-from kernels.cupy_gpu import embedding as ke
-from kernels.cupy_gpu import layernorm as kl
-from kernels.cupy_gpu import losses as kls
-from kernels.cupy_gpu import optim as ko
+from minielectra.kernels.cupy_gpu import _common
+from minielectra.kernels.cupy_gpu import activations as kg
+from minielectra.kernels.cupy_gpu import attention as ka
+from minielectra.kernels.cupy_gpu import embedding as ke
+from minielectra.kernels.cupy_gpu import layernorm as kl
+from minielectra.kernels.cupy_gpu import losses as kls
+from minielectra.kernels.cupy_gpu import optim as ko
 from minielectra import backend
 from minielectra.config import TrainConfig
 from minielectra.ops import attention as ref_attention
@@ -31,13 +31,13 @@ CPU_ONLY = {"matmul_forward", "matmul_backward", "linear_forward", "linear_backw
 
 def test_every_other_dispatched_op_has_a_cuda_kernel():
     assert CPU_ONLY <= set(backend._OP_MODULES)
-    assert backend._kernel_module("kernels.cupy_gpu", "minielectra.ops.linear") is None
+    assert backend._kernel_module("minielectra.kernels.cupy_gpu", "minielectra.ops.linear") is None
 
 
 @pytest.mark.parametrize("op", sorted(set(backend._OP_MODULES) - CPU_ONLY))
 def test_same_names_and_signatures_as_the_reference(op):
     reference = getattr(importlib.import_module(backend._OP_MODULES[op]), op)
-    module = importlib.import_module("kernels.cupy_gpu." + backend._OP_MODULES[op].rsplit(".", 1)[1])
+    module = importlib.import_module("minielectra.kernels.cupy_gpu." + backend._OP_MODULES[op].rsplit(".", 1)[1])
     kernel = getattr(module, op)
     assert inspect.signature(kernel) == inspect.signature(reference)
     assert backend._OP_MODULES[op] in module.__doc__  # the docstring names the reference it replaces

@@ -47,7 +47,7 @@ def test_every_dispatched_op_has_a_numba_kernel():
 
 @pytest.mark.parametrize("op", sorted(KERNEL_OPS))
 def test_dispatch_returns_the_kernel(numba_backend, op):
-    module = importlib.import_module(f"kernels.numba_cpu.{KERNEL_OPS[op]}")
+    module = importlib.import_module(f"minielectra.kernels.numba_cpu.{KERNEL_OPS[op]}")
     assert backend.dispatch(op, np.zeros(1)) is getattr(module, op)
     assert module.__doc__ and backend._OP_MODULES[op] in module.__doc__  # the docstring names its reference
 
@@ -63,7 +63,7 @@ def test_multi_head_attention_through_the_kernels_matches_numpy(numba_backend):
     dout = rng.standard_normal((B, T, C))
     out, cache = mha_forward(x, *args, mask=mask, n_heads=H, p_drop=0.2, rng=np.random.default_rng(1))
     grads = mha_backward(dout, cache)
-    assert type(cache.attn).__module__ == "kernels.numba_cpu.attention"
+    assert type(cache.attn).__module__ == "minielectra.kernels.numba_cpu.attention"
     backend._active = "numpy"
     backend._kernel_cache.clear()
     out_ref, cache_ref = mha_forward(x, *args, mask=mask, n_heads=H, p_drop=0.2, rng=np.random.default_rng(1))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 from minielectra.ops import embedding as ref  # noqa: E402
-from kernels.numba_cpu import embedding as ker  # noqa: E402
+from minielectra.kernels.numba_cpu import embedding as ker  # noqa: E402
 from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, noncontiguous  # noqa: E402
 
 pytestmark = pytest.mark.numba

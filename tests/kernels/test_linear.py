@@ -10,7 +10,7 @@ pytest.importorskip("numba")
 
 from minielectra.gradcheck import check_op, format_table  # noqa: E402
 from minielectra.ops import linear as ref  # noqa: E402
-from kernels.numba_cpu import linear as ker  # noqa: E402
+from minielectra.kernels.numba_cpu import linear as ker  # noqa: E402
 from numba_kernel_checks import DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_close, noncontiguous  # noqa: E402,E501
 
 pytestmark = pytest.mark.numba

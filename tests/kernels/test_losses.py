@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 from minielectra.ops import losses as ref  # noqa: E402
-from kernels.numba_cpu import losses as ker  # noqa: E402
+from minielectra.kernels.numba_cpu import losses as ker  # noqa: E402
 from numba_kernel_checks import DTYPES, K_ULPS, KERNEL_SETTINGS, MAGNITUDES, SEEDS, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.numba

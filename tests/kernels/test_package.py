@@ -1,6 +1,6 @@
 """kernels/numba_cpu/__init__.py: cached kernels are dropped when any of the package's sources changes."""
 
-from kernels.numba_cpu import STAMP, drop_stale_caches, sources
+from minielectra.kernels.numba_cpu import STAMP, drop_stale_caches, sources
 
 
 def test_the_digest_covers_the_kernels_and_the_reference_ops():
@@ -56,7 +56,7 @@ def test_the_kernels_call_numpys_own_blas_where_it_exports_its_gemm():
     import ctypes
 
     import numpy as np
-    from kernels.numba_cpu import _blas
+    from minielectra.kernels.numba_cpu import _blas
 
     found = _blas._numpy_gemm()
     assert _blas.LIBRARY == ("NumPy's BLAS, 64-bit integers" if found else "SciPy's BLAS, 32-bit integers")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 from minielectra.ops import softmax as ref  # noqa: E402
-from kernels.numba_cpu import softmax as ker  # noqa: E402
+from minielectra.kernels.numba_cpu import softmax as ker  # noqa: E402
 from numba_kernel_checks import (DTYPES, KERNEL_SETTINGS, LAYOUTS, MAGNITUDES, SEEDS, assert_same_samples,  # noqa: E402
                                  noncontiguous)
 
